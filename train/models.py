@@ -239,12 +239,15 @@ def pull(model_id: str, force: bool = False, log: Callable[[str], None] = print)
         meta = {"id": model_id, "description": spec.description, "role": spec.role, **check_model(tmp, spec)}
         meta["import_seconds"] = round(time.time() - t0, 1)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is shared with engines/containers
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)  # atomic on one filesystem: readers see no model or a whole one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"==> {model_id}: ok in {meta['import_seconds']} s, perplexity {meta['perplexity']}, answer {meta['answer']!r}")
+    log(
+        f"==> {model_id}: ok in {meta['import_seconds']} s, perplexity {meta['perplexity']}, answer {meta['answer']!r}"
+    )
     return final
 
 
