@@ -9,8 +9,8 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # Re-runs only when what the install depends on changed: seconds otherwise.
-$(STAMP): scripts/install.sh pyproject.toml constraints-cpu.txt constraints-gpu.txt
-	@start=$$(date +%s); scripts/install.sh && touch $(STAMP) && echo "==> install took $$(( $$(date +%s) - start )) s"
+$(STAMP): scripts/install.sh scripts/install_prometheus.sh pyproject.toml constraints-cpu.txt constraints-gpu.txt
+	@start=$$(date +%s); scripts/install.sh && scripts/install_prometheus.sh && touch $(STAMP) && echo "==> install took $$(( $$(date +%s) - start )) s"
 
 models: install
 	$(LORAFLEET) models pull

@@ -13,6 +13,7 @@ COMMANDS = [
     ("train", "train.cli", "make data, fine-tune LoRA adapters, validate and evaluate them"),
     ("serve", "serve.cli", "run vLLM engines and the multi-tenant gateway"),
     ("bench", "loadtest.cli", "load-test, price and score targets"),
+    ("demo", "lorafleet.demo", "the end-to-end proof: train three tenants, serve, score, price, report"),
 ]
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lorafleet.cli import CliError
+from train.cli_run import add_subcommands as add_run_subcommands
 from train.data import write_json, write_jsonl
 from train.tasks import TASKS, get_task
 
@@ -13,6 +14,7 @@ from train.tasks import TASKS, get_task
 def register(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="train_cmd", required=True, metavar="SUBCOMMAND")
     _add_data(sub)
+    add_run_subcommands(sub)  # run, validate, merge, eval, curve, bench (train/cli_run.py)
     # Other subcommands (run, validate, eval, curve, merge) register here: `_add_<name>(sub)`, defined below.
 
 

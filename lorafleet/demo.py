@@ -1,0 +1,284 @@
+"""`lorafleet demo` (`make demo`): the end-to-end proof, one command.
+
+Three tenants each get a LoRA specialist of SmolLM2-135M-Instruct trained on their task; serve puts them beside
+the 2x larger generalist (Gemma-3-270M) behind the gateway; the harness scores every model on each tenant's
+held-out split and load-tests them; the report answers the article's claims with this run's numbers.
+Steps whose inputs did not change are reused (a second run skips training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+
+from lorafleet.cli import CliError
+from lorafleet.paths import adapters_dir, home, runs_dir
+
+SMALL, GENERALIST = "smollm2-135m-instruct", "gemma-3-270m"
+# tenant -> (task, demo API key); the keys' hashes are in serve/default.yaml.
+TENANTS = {"acme": ("manifest", "sk-acme-demo"), "globex": ("contract", "sk-globex-demo"),
+           "initech": ("drugs", "sk-initech-demo")}  # fmt: skip
+MERGED_TASK = "manifest"  # the "hot" tenant whose adapter is also served merged into the base weights
+
+
+@dataclass
+class DemoPlan:
+    quick: bool = False
+    n_train: int = 600
+    n_eval: int = 60  # held-out items per eval through the API
+    epochs: float = 2.0
+    usd_per_hour: float = 0.10  # what the 2-vCPU box costs; stated in the report
+    load_sweep: list[int] = field(default_factory=lambda: [4, 16])
+    load_seconds: float = 20.0
+    curve_task: str = "contract"
+    curve_sizes: list[int] = field(default_factory=lambda: [50, 100, 250, 500])
+    gateway_port: int = 8080
+
+    @classmethod
+    def make(cls, quick: bool) -> DemoPlan:
+        if not quick:
+            return cls()
+        return cls(quick=True, n_train=200, n_eval=25, epochs=2.0, load_sweep=[8], load_seconds=12.0,
+                   curve_sizes=[])  # fmt: skip
+
+
+class Steps:
+    """Numbered steps with visible progress; a failure names the step and its log."""
+
+    def __init__(self, run_dir: Path, total: int):
+        self.run_dir, self.total, self.n = run_dir, total, 0
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str):
+        self.n += 1
+        log = self.run_dir / "logs" / f"{self.n:02d}-{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"\n[{self.n}/{self.total}] {name}  (log: {log})", flush=True)
+        t0 = time.time()
+        try:
+            yield log
+        except Exception as e:
+            raise CliError(f"step {self.n} '{name}' failed: {e}\n  see {log}") from e
+        self.timings[name] = round(time.time() - t0, 1)
+        print(f"[{self.n}/{self.total}] {name}: done in {self.timings[name]:.0f} s", flush=True)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_adapter(task: str, plan: DemoPlan, log: Path) -> dict:
+    """Train (or reuse) the tenant's adapter; returns its lorafleet_train.json summary."""
+    from train.config import load_config
+    from train.trainer import train
+
+    out = adapters_dir() / task
+    overrides = {"task": task, "n": plan.n_train, "epochs": plan.epochs, "output_dir": str(out), "name": task}
+    cfg = load_config(Path(__file__).parents[1] / "train" / "configs" / f"{task}.yaml", overrides)
+    key = _digest(cfg.to_dict())
+    stamp = out / "demo_key.txt"
+    if stamp.is_file() and stamp.read_text().strip() == key and (out / "lorafleet_train.json").is_file():
+        print(f"    {task}: adapter unchanged since the last run, reusing {out}")
+    else:
+        with open(log, "a") as f:
+            train(cfg, log=lambda m: (print(m), f.write(m + "\n")))
+        stamp.write_text(key + "\n")
+    return json.loads((out / "lorafleet_train.json").read_text())
+
+
+def serve_config(plan: DemoPlan) -> dict:
+    """The embedded default deployment, plus the hot tenant's adapter served merged on its own engine."""
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / "default.yaml").read_text())
+    cfg["gateway"]["port"] = plan.gateway_port
+    for eng in cfg["engines"]:
+        eng["price_usd_per_hour"] = plan.usd_per_hour
+    merged = {"name": f"{MERGED_TASK}-merged", "path": MERGED_TASK, "base": SMALL, "mode": "merged", "port": 8003}
+    cfg["adapters"] = [a | {"optional": False} for a in cfg["adapters"]] + [merged]
+    acme = next(t for t in cfg["tenants"] if t["name"] == "acme")
+    acme["models"].append(merged["name"])
+    return cfg
+
+
+@contextmanager
+def running_gateway(config_path: Path, log: Path, plan: DemoPlan, timeout: float = 900):
+    """`lorafleet serve CONFIG` as a child process; ready when the gateway lists a tenant's models."""
+    with open(log, "ab") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "serve", "run", str(config_path)],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{plan.gateway_port}"
+    try:
+        _wait_gateway(proc, url, log, timeout)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _wait_gateway(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    deadline, key = time.time() + timeout, TENANTS["acme"][1]
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+            raise RuntimeError(f"lorafleet serve exited with code {proc.returncode}:\n{tail}")
+        try:
+            r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=2)
+            up = httpx.get(f"{url}/health", timeout=2)
+            if r.status_code == 200 and up.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"gateway not ready after {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen, grace: float = 60) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(os.getpgid(proc.pid), signal.SIGINT)  # serve stops its engines on SIGINT
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+        proc.wait()
+
+
+def bench_config(plan: DemoPlan, gateway: str, out_dir: Path) -> dict:
+    """Every model on each tenant's task (quality), then each target under load (latency, cost)."""
+    base = f"{gateway}/v1"
+    keys = {task: key for task, key in TENANTS.values()}
+    price = {"usd_per_hour": plan.usd_per_hour}
+    any_key = TENANTS["acme"][1]
+
+    def target(name: str, model: str, api: str = "chat", **extra) -> dict:
+        return {"name": name, "base_url": base, "model": model, "api_key": any_key, "api": api, "price": price} | extra
+
+    targets = [
+        target(
+            "specialists-lora", "manifest", adapters={"manifest": 0.5, "contract": 0.3, "drugs": 0.2}, model_keys=keys
+        ),  # fmt: skip
+        target("manifest-merged", f"{MERGED_TASK}-merged"),
+        target("smollm2-base", SMALL),
+        target("gemma-generalist", GENERALIST, api="completions"),
+    ]
+    evals = []
+    for task in keys:
+        evals += [
+            {"target": "specialists-lora", "model": task, "task": task, "mode": "zero_shot"},
+            {"target": "smollm2-base", "task": task, "mode": "zero_shot"},
+            {"target": "smollm2-base", "task": task, "mode": "few_shot_chat", "k": 3},
+            {"target": "gemma-generalist", "task": task, "mode": "few_shot_completion", "k": 3},
+        ]
+    evals.append({"target": "manifest-merged", "task": MERGED_TASK, "mode": "zero_shot"})
+    return {
+        "targets": targets,
+        "load": {
+            "mode": "closed",
+            "sweep": plan.load_sweep,
+            "duration_s": plan.load_seconds,
+            "warmup_requests": 3,
+            "max_tokens": 48,
+            "force_output_len": True,
+        },  # fmt: skip
+        "slo": {"ttft_p90_s": 4.0, "tpot_p90_s": 0.5},
+        "prompts": {
+            "source": "task",
+            "task": {**{t: t for t in keys}, f"{MERGED_TASK}-merged": MERGED_TASK, "*": "contract"},
+            "completion_few_shot_k": 3,
+        },  # fmt: skip
+        "quality": {"n": plan.n_eval, "max_tokens": 64, "concurrency": 8, "evals": evals},
+        "metrics_port": 0,
+        "output_dir": str(out_dir),
+    }
+
+
+def run_bench(cfg: dict, run_dir: Path, log: Path) -> dict:
+    """`lorafleet bench run` in a child process (its own progress bars), then read its results.json."""
+    path = run_dir / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with open(log, "ab") as f:
+        # Progress bars go to the terminal (stderr); the log keeps stdout, the summary table included.
+        rc = subprocess.call([sys.executable, "-m", "lorafleet.cli", "bench", "run", str(path)], stdout=f)
+    if rc != 0:
+        raise RuntimeError(f"lorafleet bench run exited with code {rc}")
+    return json.loads((Path(cfg["output_dir"]) / "results.json").read_text())
+
+
+def learning_curve(plan: DemoPlan, run_dir: Path, log: Path) -> list[dict]:
+    """Held-out accuracy of adapters trained on more and more examples (offline, transformers)."""
+    if not plan.curve_sizes:
+        return []
+    from train.evaluate import learning_curve as curve
+
+    cache = adapters_dir() / f".curve-{plan.curve_task}"
+    key = _digest([plan.curve_task, plan.curve_sizes, plan.epochs, plan.n_eval])
+    done = cache / f"{key}.json"
+    if done.is_file():
+        print(f"    learning curve unchanged, reusing {done}")
+        return json.loads(done.read_text())
+    points = curve(task=plan.curve_task, sizes=plan.curve_sizes, n_eval=plan.n_eval, out_dir=run_dir / "curve")
+    cache.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(points, indent=2))
+    return points
+
+
+def demo(plan: DemoPlan) -> Path:
+    run_dir = runs_dir() / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
+    steps = Steps(run_dir, total=6)
+    print(f"lorafleet demo{' (quick)' if plan.quick else ''}: writing {run_dir}")
+    with steps.step("models") as log:
+        from train.models import ensure
+
+        for model_id in (SMALL, GENERALIST):
+            print(f"    {model_id}: {ensure(model_id)}")
+    training = {}
+    with steps.step("train adapters") as log:
+        for tenant, (task, _) in TENANTS.items():
+            print(f"    tenant {tenant}: task {task}, {plan.n_train} examples, {plan.epochs:g} epochs")
+            training[task] = train_adapter(task, plan, log)
+    with steps.step("learning curve") as log:
+        curve = learning_curve(plan, run_dir, log)
+    config_path = run_dir / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(serve_config(plan), sort_keys=False))
+    with steps.step("serve") as log, running_gateway(config_path, log, plan) as gateway:
+        print(f"    gateway up at {gateway} (engines: {SMALL} + adapters, {MERGED_TASK}-merged, {GENERALIST})")
+        steps.n += 1
+        print(f"\n[{steps.n}/{steps.total}] quality and load through the gateway", flush=True)
+        t0 = time.time()
+        results = run_bench(bench_config(plan, gateway, run_dir / "bench"), run_dir, run_dir / "logs" / "bench.log")
+        steps.timings["bench"] = round(time.time() - t0, 1)
+    with steps.step("report") as log:
+        from lorafleet.demo_report import write_demo_report
+
+        report = write_demo_report(run_dir, plan, training, curve, results, steps.timings)
+    print(report)
+    return run_dir
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="smaller data and shorter load steps (about 8 minutes)")
+    p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    plan = DemoPlan.make(args.quick)
+    plan.gateway_port = args.port
+    os.environ.setdefault("LORAFLEET_HOME", str(home()))
+    t0 = time.time()
+    run_dir = demo(plan)
+    print(f"\nlorafleet demo finished in {(time.time() - t0) / 60:.1f} min: {run_dir}/report.md")
+    return 0

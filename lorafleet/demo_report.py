@@ -1,0 +1,241 @@
+"""The demo's report: the article's claims, answered per tenant with this run's numbers.
+
+It reads the bench harness's results.json (quality evals, load steps, cost) and the adapters' training summaries,
+and says plainly where each claim holds and where it does not.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lorafleet.blocks import to_html, to_markdown
+
+# The article's claims, as thresholds this run is checked against.
+ACCURACY_GAIN = 0.15  # fine-tuned small vs generalist few-shot, in accuracy points
+COST_RATIO = 0.6  # fine-tuned small $/1M output tokens at most this share of the generalist's
+PARAM_SHARE = 0.02  # LoRA trains under 1-2 % of the parameters
+GENERALIST_TARGET, BASE_TARGET, LORA_TARGET = "gemma-generalist", "smollm2-base", "specialists-lora"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f} %"
+
+
+def _usd(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"${v:.{digits}f}"
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f} s"
+
+
+def _eval(results: dict, target: str, task: str, mode: str) -> dict | None:
+    return next(
+        (q for q in results["quality"] if q["target"] == target and q["task"] == task and q["mode"] == mode), None
+    )
+
+
+def _acc(q: dict | None) -> float | None:
+    return None if q is None else q.get("accuracy")
+
+
+def _cost(results: dict, target: str) -> dict:
+    return (results["targets"].get(target) or {}).get("cost") or {}
+
+
+def _operating(results: dict, target: str, model: str | None = None) -> dict | None:
+    """Latency figures of a target (or one model of its mix) at the load step it was priced at."""
+    ts = results["targets"].get(target)
+    if not ts or not ts.get("steps"):
+        return None
+    idx = (ts.get("cost") or {}).get("operating_step")
+    step = next((s for s in ts["steps"] if s["index"] == idx), ts["steps"][-1])
+    return step.get("per_model", {}).get(model) or step if model else step
+
+
+def accuracy_rows(results: dict, tasks: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    for tenant, task in tasks.items():
+        lora = _acc(_eval(results, LORA_TARGET, task, "zero_shot"))
+        gen = _acc(_eval(results, GENERALIST_TARGET, task, "few_shot_completion"))
+        rows.append(
+            {
+                "tenant": tenant,
+                "task": task,
+                "lora": lora,
+                "small_zero": _acc(_eval(results, BASE_TARGET, task, "zero_shot")),
+                "small_few": _acc(_eval(results, BASE_TARGET, task, "few_shot_chat")),
+                "generalist_few": gen,
+                "gain": None if lora is None or gen is None else lora - gen,
+                "lora_per_1k": (_eval(results, LORA_TARGET, task, "zero_shot") or {}).get("usd_per_1k_correct"),
+                "gen_per_1k": (_eval(results, GENERALIST_TARGET, task, "few_shot_completion") or {}).get(
+                    "usd_per_1k_correct"
+                ),
+            }
+        )
+    return rows
+
+
+def claims(acc: list[dict], results: dict, training: dict[str, dict]) -> list[str]:
+    """One sentence per claim: holds / does not hold, with the numbers."""
+    out = []
+    for r in acc:
+        if r["gain"] is None:
+            out.append(f"Accuracy ({r['tenant']}/{r['task']}): not measured.")
+            continue
+        verdict = "HOLDS" if r["gain"] >= ACCURACY_GAIN else "DOES NOT HOLD"
+        out.append(
+            f"Accuracy ({r['tenant']}/{r['task']}): fine-tuned SmolLM2-135M {_pct(r['lora'])} vs Gemma-3-270M "
+            f"few-shot {_pct(r['generalist_few'])}: {100 * r['gain']:+.0f} points; the claim of at least "
+            f"+{100 * ACCURACY_GAIN:.0f} points {verdict}."
+        )
+    gen = _cost(results, GENERALIST_TARGET).get("usd_per_1m_output")
+    for target, what in ((LORA_TARGET, "LoRA adapters (unmerged)"), ("manifest-merged", "merged adapter")):
+        mine = _cost(results, target).get("usd_per_1m_output")
+        if mine is None or not gen:
+            out.append(f"Cost ({what}): not measured.")
+            continue
+        ratio = mine / gen
+        verdict = "HOLDS" if ratio <= COST_RATIO else "DOES NOT HOLD"
+        out.append(
+            f"Cost ({what}): {_usd(mine)} vs {_usd(gen)} per 1M output tokens for the generalist = {ratio:.2f}x; "
+            f"the target of at most {COST_RATIO}x {verdict}."
+        )
+    shares = [t.get("trainable_share") or (t.get("params") or {}).get("trainable_share") for t in training.values()]
+    shares = [s for s in shares if s is not None]
+    if shares:
+        verdict = "HOLDS" if max(shares) < PARAM_SHARE else "DOES NOT HOLD"
+        out.append(
+            f"LoRA trains {100 * max(shares):.2f} % of the parameters at most (r=8, all linear layers); "
+            f"the claim of under {100 * PARAM_SHARE:.0f} % {verdict}."
+        )
+    return out
+
+
+def _accuracy_table(acc: list[dict]) -> tuple[list[str], list[list[str]]]:
+    headers = ["tenant", "task", "fine-tuned small", "small zero-shot", "small 3-shot", "generalist 3-shot",
+               "gain vs generalist", "$/1k correct (fine-tuned)", "$/1k correct (generalist)"]  # fmt: skip
+    rows = [
+        [
+            r["tenant"],
+            r["task"],
+            _pct(r["lora"]),
+            _pct(r["small_zero"]),
+            _pct(r["small_few"]),
+            _pct(r["generalist_few"]),
+            "-" if r["gain"] is None else f"{100 * r['gain']:+.0f} pts",
+            _usd(r["lora_per_1k"], 4),
+            _usd(r["gen_per_1k"], 4),
+        ]  # fmt: skip
+        for r in acc
+    ]
+    return headers, rows
+
+
+def _cost_table(results: dict, usd_per_hour: float) -> tuple[list[str], list[list[str]]]:
+    headers = ["target", "load (concurrency)", "SLO met", "output tok/s", "TTFT p50", "TTFT p90", "e2e p50",
+               "$/1M input", "$/1M output", "$/1M blended"]  # fmt: skip
+    rows = []
+    for name in results["targets"]:
+        cost, step = _cost(results, name), _operating(results, name)
+        rows.append(
+            [
+                name,
+                f"{cost.get('operating_load', '-')}",
+                str(cost.get("slo_met", "-")),
+                "-" if not step else f"{step['output_tok_per_s']:.0f}",
+                _s(step and step["ttft"]["p50"]),
+                _s(step and step["ttft"]["p90"]),
+                _s(step and step["e2e"]["p50"]),
+                _usd(cost.get("usd_per_1m_input")),
+                _usd(cost.get("usd_per_1m_output")),
+                _usd(cost.get("usd_per_1m_blended")),
+            ]  # fmt: skip
+        )
+    return headers, rows
+
+
+def _training_table(training: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    headers = ["adapter", "examples", "trainable params", "share", "train time", "tokens/s", "final eval loss"]
+    rows = []
+    for task, t in training.items():
+        params, metrics = t.get("params") or {}, t.get("metrics") or {}
+        share = t.get("trainable_share") or params.get("trainable_share")
+        rows.append(
+            [
+                task,
+                str((t.get("config") or {}).get("n", "-")),
+                f"{params.get('trainable', '-'):,}" if isinstance(params.get("trainable"), int) else "-",
+                _pct(share) if share is None else f"{100 * share:.2f} %",
+                _s(metrics.get("wall_seconds")),
+                f"{metrics.get('tokens_per_s', 0):.0f}",
+                f"{metrics.get('final_eval_loss', float('nan')):.3f}",
+            ]  # fmt: skip
+        )
+    return headers, rows
+
+
+def plot_accuracy(acc: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("fine-tuned small", "lora"), ("small zero-shot", "small_zero"), ("small 3-shot", "small_few"),
+              ("generalist 3-shot", "generalist_few")]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(series)
+    for i, (label, key) in enumerate(series):
+        xs = [j + i * width for j in range(len(acc))]
+        ax.bar(xs, [100 * (r[key] or 0) for r in acc], width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(acc))], [f"{r['tenant']}\n{r['task']}" for r in acc])
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title("Task accuracy per tenant")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_demo_report(run_dir: Path, plan, training: dict, curve: Any, results: dict, timings: dict) -> str:
+    from lorafleet.demo import TENANTS
+
+    tasks = {tenant: task for tenant, (task, _) in TENANTS.items()}
+    acc = accuracy_rows(results, tasks)
+    plot_accuracy(acc, run_dir / "accuracy.png")
+    bench_dir = Path(results["config"].get("output_dir") or run_dir / "bench")
+    plots = [("accuracy.png", "Task accuracy per tenant")]
+    for file, title in (("cost_vs_accuracy.png", "Cost vs accuracy"), ("latency_cdf.png", "Latency distributions"),
+                        ("throughput_vs_load.png", "Throughput and TTFT vs load")):  # fmt: skip
+        if (bench_dir / file).is_file():
+            shutil.copy(bench_dir / file, run_dir / file)
+            plots.append((file, title))
+    curve_png = (curve or {}).get("plot") if isinstance(curve, dict) else None
+    if curve_png and Path(curve_png).is_file():
+        shutil.copy(curve_png, run_dir / "learning_curve.png")
+        plots.append(("learning_curve.png", "Learning curve (held-out accuracy vs training examples)"))
+
+    blocks: list[tuple] = [("h1", "lorafleet demo: fine-tuned small specialists vs a 2x larger generalist")]
+    blocks.append(("p", f"Hardware price used for every self-hosted target: ${plan.usd_per_hour}/hour (the whole "
+                        "machine; one target measured at a time). Quick mode." if plan.quick else
+                   f"Hardware price used for every self-hosted target: ${plan.usd_per_hour}/hour (the whole "
+                   "machine; one target measured at a time)."))  # fmt: skip
+    blocks += [("h2", "Claims"), *(("p", "- " + c) for c in claims(acc, results, training))]
+    blocks += [("h2", "Accuracy (held-out split, through the gateway)"), ("table", *_accuracy_table(acc))]
+    blocks += [("h2", "Latency and cost at the SLO (goodput)"), ("table", *_cost_table(results, plan.usd_per_hour))]
+    blocks += [("h2", "Training"), ("table", *_training_table(training))]
+    if isinstance(curve, dict) and curve.get("points"):
+        rows = [[str(p.get("size")), _pct(p.get("accuracy"))] for p in curve["points"]]
+        blocks += [("h2", f"Learning curve ({curve.get('task')})"), ("table", ["examples", "accuracy"], rows)]
+    blocks += [("h2", "Step timings"), ("table", ["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])]
+    blocks += [("h2", title) if i == 0 else ("img", file, title) for file, title in plots for i in range(2)]
+    blocks.append(("p", f"Raw per-request timings: {bench_dir / 'results.json'}; harness report: "
+                        f"{bench_dir / 'report.md'}."))  # fmt: skip
+    (run_dir / "report.md").write_text(to_markdown(blocks))
+    (run_dir / "report.html").write_text(to_html(blocks, run_dir, "lorafleet demo"))
+    summary = [("h2", "Claims"), *(("p", "- " + c) for c in claims(acc, results, training))]
+    return to_markdown([("table", *_accuracy_table(acc)), ("table", *_cost_table(results, plan.usd_per_hour)),
+                        *summary])  # fmt: skip

@@ -1,0 +1,124 @@
+"""The admin API's logic: register and remove adapters at run time, report tenants and their usage.
+
+An adapter is checked (inside the adapters root, servable by vLLM on its base) before any engine sees it; it is
+loaded into an engine on its first request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from serve.deploy import AdapterPathError, adapter_dir, check_adapter
+from serve.protocol import ApiError, RegisterAdapter, bad_request
+from serve.tenants import bearer_key, key_matches
+
+if TYPE_CHECKING:
+    from serve.app import Gateway
+
+
+def require_admin(gw: Gateway, authorization: str | None) -> None:
+    stored, key = gw.cfg.gateway.admin_key_hash, bearer_key(authorization)
+    if stored is None:
+        raise ApiError(
+            401, "the admin API is off: set gateway.admin_key_hash", "authentication_error", code="admin_off"
+        )
+    if key is None or not key_matches(key, stored):
+        raise ApiError(
+            401,
+            "admin key required: send `Authorization: Bearer ADMIN_KEY`",
+            "authentication_error",
+            code="invalid_api_key",
+        )
+
+
+def parse_register(raw: bytes) -> RegisterAdapter:
+    try:
+        return RegisterAdapter.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        raise bad_request(f"{field or 'body'}: {err['msg']}", param=field) from None
+
+
+async def register_adapter(gw: Gateway, req: RegisterAdapter) -> dict:
+    if gw.registry.resolve(req.name) is not None:
+        raise ApiError(
+            409,
+            f"model {req.name!r} already exists; DELETE /admin/adapters/{req.name} first",
+            param="name",
+            code="conflict",
+        )
+    engine = gw.cfg.engine_for(req.base)
+    if engine is None or not engine.enable_lora:
+        bases = sorted(e.public_name for e in gw.cfg.engines if e.enable_lora)
+        raise bad_request(f"base {req.base!r} is not a LoRA-enabled base model; choose one of {bases}", param="base")
+    unknown = sorted(set(req.tenants) - set(gw.tenants.tenants))
+    if unknown:
+        raise bad_request(f"unknown tenants {unknown}; known: {sorted(gw.tenants.tenants)}", param="tenants")
+    try:
+        folder = adapter_dir(gw.adapters_root, req.path)
+    except AdapterPathError as e:
+        raise bad_request(str(e), param="path") from None
+    # Reading the weights' headers touches the disk: keep it off the event loop.
+    problems = await asyncio.to_thread(check_adapter, folder, engine)
+    if problems:
+        raise bad_request(
+            "vLLM would refuse this adapter: " + "; ".join(problems), param="path", code="invalid_adapter"
+        )
+    gw.registry.add_adapter(req.name, folder, req.base)
+    gw.tenants.grant(req.name, req.tenants)
+    return {"name": req.name, "base": req.base, "path": str(folder), "tenants": req.tenants}
+
+
+async def remove_adapter(gw: Gateway, name: str) -> dict:
+    model = gw.registry.resolve(name)
+    if model is None:
+        raise ApiError(404, f"no adapter {name!r}", code="model_not_found")
+    if model.kind != "lora":
+        raise bad_request(f"{name!r} is a {model.kind} model, not a LoRA adapter; change the config to remove it")
+    await gw.registry.remove_adapter(name)
+    gw.tenants.revoke(name)
+    return {"deleted": name}
+
+
+def adapters_report(gw: Gateway) -> dict:
+    rows = []
+    for m in gw.registry.models.values():
+        if m.kind == "base":
+            continue
+        loaded = [r.name for r in gw.registry.groups[m.engine] if m.name in r.loaded or m.kind == "merged"]
+        rows.append(
+            {
+                "name": m.name,
+                "kind": m.kind,
+                "base": m.base,
+                "path": str(m.path) if m.path else None,
+                "loaded_on": loaded,
+            }
+        )
+    return {"adapters": rows}
+
+
+def tenants_report(gw: Gateway) -> dict:
+    rows = []
+    for t in gw.tenants.tenants.values():
+        u = t.usage
+        rows.append(
+            {
+                "name": t.name,
+                "models": sorted(t.models),
+                "limits": t.limits.model_dump(),
+                "usage": {
+                    "requests": u.requests,
+                    "prompt_tokens": u.prompt_tokens,
+                    "completion_tokens": u.completion_tokens,
+                    "cost_usd": round(u.cost_usd, 9),
+                    **gw.limiter.usage(t.name),
+                },
+                "utilization": gw.limiter.utilization(t.name, t.limits),
+            }
+        )
+    return {"tenants": rows}

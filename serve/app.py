@@ -1,0 +1,176 @@
+"""The gateway: one object holding its parts, the FastAPI app around it, and a way to run it in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from serve import routes
+from serve.config import ServeConfig
+from serve.deploy import adapters_root, configured_adapters
+from serve.limits import Limiter
+from serve.metrics import Metrics
+from serve.protocol import ApiError, error_body
+from serve.proxy import Proxy
+from serve.registry import Registry
+from serve.supervisor import Supervisor
+from serve.tenants import TenantStore
+
+log = logging.getLogger("lorafleet.serve")
+
+
+class Gateway:
+    """Tenants, limits, the adapter registry, the proxy and their metrics; one per served config."""
+
+    def __init__(
+        self, cfg: ServeConfig, adapter_paths: dict[str, Path] | None = None, supervisor: Supervisor | None = None
+    ):
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.tenants = TenantStore(cfg.tenants)
+        self.limiter = Limiter()
+        self.adapters_root = adapters_root(cfg)
+        paths = configured_adapters(cfg) if adapter_paths is None else adapter_paths
+        self.registry = Registry(cfg, self.metrics, paths)
+        self.proxy = Proxy(self)
+        self.supervisor = supervisor
+        self.client: httpx.AsyncClient | None = None
+        self._tasks: list[asyncio.Task] = []
+        for name in self.tenants.tenants:  # every tenant has its series from the start, at 0
+            self.metrics.inflight.labels(name).set(0)
+        self.refresh_gauges()
+
+    async def start(self) -> None:
+        g = self.cfg.gateway
+        # One client for every engine call: keep-alive connections are reused instead of a TCP handshake each.
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(g.request_timeout_s, connect=g.connect_timeout_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            trust_env=False,  # engines are local; a proxy from the environment must not sit in between
+        )
+        self.registry.client = self.client
+        await self.registry.check_health(timeout=g.connect_timeout_s)
+        self._tasks.append(asyncio.create_task(self.registry.health_loop(g.health_interval_s, g.connect_timeout_s)))
+        if self.supervisor is not None:
+            self.supervisor.on_restart = self.registry.replica_restarted
+            self.supervisor.on_down = self._engine_down
+            self._tasks.append(asyncio.create_task(self.supervisor.run()))
+
+    def _engine_down(self, name: str) -> None:
+        replica = self.registry.replica(name)
+        if replica is not None:
+            self.registry.mark_unreachable(replica)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.client is not None:
+            await self.client.aclose()
+
+    def refresh_gauges(self) -> None:
+        """Per-minute utilization decays with time, not with requests: compute it when scraped."""
+        for t in self.tenants.tenants.values():
+            for limit, share in self.limiter.utilization(t.name, t.limits).items():
+                self.metrics.quota.labels(t.name, limit).set(share)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI-style JSON; nothing a client sends can crash the gateway."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in err["loc"] if p != "body") or None
+        return JSONResponse(error_body(f"{param}: {err['msg']}", "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+
+def create_app(
+    cfg: ServeConfig, adapter_paths: dict[str, Path] | None = None, supervisor: Supervisor | None = None
+) -> FastAPI:
+    """The gateway app. `adapter_paths` (checked adapter folders by name) defaults to the config's adapters."""
+    gateway = Gateway(cfg, adapter_paths, supervisor)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="lorafleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gateway
+    app.include_router(routes.router)
+    _install_error_handlers(app)
+    return app
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int) -> uvicorn.Config:
+    # httptools + uvloop: the fastest parser and loop uvicorn has; access logs cost CPU per request.
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
+
+
+class ServerThread:
+    """Run the gateway with uvicorn in a background thread (tests, benchmarks)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8080):
+        self.app, self.host, self.port = app, host, port
+        self.server = uvicorn.Server(uvicorn_config(app, host, port))  # off the main thread: no signal handlers
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="lorafleet-gateway")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app.state.gateway
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)

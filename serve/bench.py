@@ -1,0 +1,327 @@
+"""What the gateway costs: `python -m serve.bench` (or `lorafleet serve bench`).
+
+Starts one vLLM engine and the gateway (its own process, as in production) in front of it, then measures, in
+the same run on the same engine:
+  1. overhead: the same streaming load against the engine directly and through the gateway, in alternating
+     rounds (ABBA), giving the output-throughput ratio and the added median TTFT (under load, and one request
+     at a time, where queueing does not hide it);
+  2. cold adapter: first-token latency of an adapter's first request (hot-load included) minus a warm one;
+  3. adapters: output throughput with requests spread over N distinct adapters vs all on one.
+Prints ratios and writes them as JSON under runs/serve-bench/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+KEY = "sk-bench"
+PROMPTS = [f"Write a short story about a lighthouse keeper and the number {i}." for i in range(64)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m serve.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model id or HF folder")
+    p.add_argument("--rounds", type=int, default=4, help="overhead rounds per target")
+    p.add_argument("--requests", type=int, default=32, help="requests per round")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
+    p.add_argument("--probes", type=int, default=20, help="one-at-a-time TTFT probes per target")
+    p.add_argument("--adapters", type=int, default=8, help="distinct adapters in the multi-adapter round")
+    p.add_argument("--cold", type=int, default=3, help="adapters whose first request is timed")
+    p.add_argument("--out", default=None, help="JSON results folder (default runs/serve-bench)")
+    return p.parse_args(argv)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_adapter(base: Path, out: Path, r: int = 8) -> Path:
+    """A random r=8 LoRA on every linear layer: the cost of serving it does not depend on what it learned."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    return out
+
+
+# -- load generation
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """One streaming chat request: (seconds to first content, completion tokens from usage)."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0, ttft, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if ttft is None and any((c.get("delta") or {}).get("content") for c in obj.get("choices") or []):
+                ttft = time.perf_counter() - t0
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+    return (ttft if ttft is not None else float("nan")), tokens
+
+
+async def load(url: str, models: list[str], n: int, concurrency: int, max_tokens: int) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(timeout=600, headers=headers, limits=httpx.Limits(max_connections=None)) as client:
+
+        async def task(i: int) -> tuple[float, int]:
+            async with sem:
+                return await one(client, url, models[i % len(models)], PROMPTS[i % len(PROMPTS)], max_tokens)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(task(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    tokens = sum(t for _, t in results)
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttfts": [t for t, _ in results]}
+
+
+def run_load(*args) -> dict:
+    return asyncio.run(load(*args))
+
+
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1000
+
+
+# -- processes
+
+
+def start_engine(model: str, max_loras: int, log_dir: Path):
+    from serve.engine import Engine, EngineSpec
+    from train.models import model_path
+
+    path = model_path(model)
+    spec = EngineSpec(
+        name="bench", model=path, port=free_port(), served_name=model, max_loras=max_loras, max_cpu_loras=max_loras + 8
+    )
+    engine = Engine(spec, log_dir / "engine.log").start()
+    print(f"==> starting vLLM ({model}) on {spec.url} ...", flush=True)
+    engine.wait_ready()
+    print(f"==> engine ready in {engine.ready_seconds:.0f} s", flush=True)
+    return engine, path
+
+
+def start_gateway(cfg: dict, work: Path) -> tuple[subprocess.Popen, str]:
+    cfg_file = work / "gateway.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    port = cfg["gateway"]["port"]
+    cmd = [sys.executable, "-m", "serve.cli", str(cfg_file), "--no-engines"]
+    proc = subprocess.Popen(cmd, stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited:\n{(work / 'gateway.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("gateway did not start")
+
+
+def gateway_config(model: str, model_dir: Path, engine_url: str, root: Path, adapters: list[str]) -> dict:
+    from serve.tenants import hash_key
+
+    return {
+        "gateway": {"port": free_port(), "max_tokens_cap": 4096, "log_dir": str(root)},
+        "adapters_root": str(root),
+        "engines": [{"name": "bench", "model": str(model_dir), "served_name": model, "urls": [engine_url]}],
+        "adapters": [{"name": a, "path": a, "base": model} for a in adapters],
+        "tenants": [{"name": "bench", "api_key_hashes": [hash_key(KEY)], "models": ["*"]}],
+    }
+
+
+# -- the three measurements
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def overhead(args, direct: str, gateway: str, model: str, gateway_pid: int) -> dict:
+    runs = {"direct": [], "gateway": []}
+    gateway_cpu = 0.0
+    for i in range(args.rounds):
+        order = ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")  # ABBA: drift hits both alike
+        for name in order:
+            url = direct if name == "direct" else gateway
+            cpu0 = cpu_seconds(gateway_pid)
+            r = run_load(url, [model], args.requests, args.concurrency, args.max_tokens)
+            if name == "gateway":
+                gateway_cpu += cpu_seconds(gateway_pid) - cpu0
+            runs[name].append(r)
+            print(
+                f"    round {i + 1} {name:8s} {r['tok_s']:7.1f} tok/s  median TTFT {median_ms(r['ttfts']):7.1f} ms",
+                flush=True,
+            )
+    tput = {k: sum(r["tokens"] for r in v) / sum(r["wall_s"] for r in v) for k, v in runs.items()}
+    gw_wall, gw_tokens = sum(r["wall_s"] for r in runs["gateway"]), sum(r["tokens"] for r in runs["gateway"])
+    ttft = {k: median_ms([t for r in v for t in r["ttfts"]]) for k, v in runs.items()}
+    probes = {"direct": [], "gateway": []}
+    for _ in range(args.probes):
+        for name, url in (("direct", direct), ("gateway", gateway)):
+            probes[name] += run_load(url, [model], 1, 1, 4)["ttfts"]
+    probe = {k: median_ms(v) for k, v in probes.items()}
+    return {
+        "throughput_tok_s": tput,
+        "throughput_ratio": tput["gateway"] / tput["direct"],
+        # A noise-free view of the same cost: the gateway's own CPU, which on a CPU host the engine loses.
+        "gateway_cpu_cores": gateway_cpu / gw_wall,
+        "gateway_cpu_ms_per_1k_tokens": gateway_cpu / gw_tokens * 1e6,
+        "cpu_count": os.cpu_count(),
+        "median_ttft_ms_under_load": ttft,
+        "added_median_ttft_ms_under_load": ttft["gateway"] - ttft["direct"],
+        "median_ttft_ms_one_at_a_time": probe,
+        "added_median_ttft_ms_one_at_a_time": probe["gateway"] - probe["direct"],
+    }
+
+
+def cold_adapter(args, gateway: str, cold: list[str]) -> dict:
+    cold_ttft, warm_ttft = [], []
+    for name in cold:
+        cold_ttft += run_load(gateway, [name], 1, 1, 4)["ttfts"]
+        warm_ttft += run_load(gateway, [name], 1, 1, 4)["ttfts"]
+    c, w = median_ms(cold_ttft), median_ms(warm_ttft)
+    return {"cold_ttft_ms": c, "warm_ttft_ms": w, "cold_minus_warm_ms": c - w}
+
+
+def many_adapters(args, gateway: str, adapters: list[str]) -> dict:
+    for name in adapters:  # loaded before timing: this measures serving, not loading
+        run_load(gateway, [name], 1, 1, 2)
+    one_ = run_load(gateway, adapters[:1], args.requests, args.concurrency, args.max_tokens)
+    many = run_load(gateway, adapters, args.requests, args.concurrency, args.max_tokens)
+    return {
+        "one_adapter_tok_s": one_["tok_s"],
+        f"{len(adapters)}_adapters_tok_s": many["tok_s"],
+        "ratio": many["tok_s"] / one_["tok_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from lorafleet import paths
+
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))
+    adapters = [f"a{i}" for i in range(args.adapters)]
+    cold = [f"cold-{i}" for i in range(args.cold)]
+    engine = gateway_proc = None
+    try:
+        engine, model_dir = start_engine(args.model, args.adapters, work)
+        print("==> making random r=8 adapters", flush=True)
+        random_adapter(model_dir, work / adapters[0])
+        for name in adapters[1:] + cold:  # same weights, another name: another adapter to vLLM
+            shutil.copytree(work / adapters[0], work / name)
+        gateway_proc, gateway = start_gateway(
+            gateway_config(args.model, model_dir, engine.spec.url, work, adapters + cold), work
+        )
+        direct = engine.spec.url
+        run_load(direct, [args.model], 2, 2, 4)  # warm-up both paths
+        run_load(gateway, [args.model], 2, 2, 4)
+
+        print(
+            f"==> 1/3 gateway overhead: {args.rounds} rounds x {args.requests} requests, c={args.concurrency}, "
+            f"{args.max_tokens} output tokens, base model",
+            flush=True,
+        )
+        results = {"overhead": overhead(args, direct, gateway, args.model, gateway_proc.pid)}
+        print(f"==> 2/3 cold adapter first token ({len(cold)} adapters)", flush=True)
+        results["cold_adapter"] = cold_adapter(args, gateway, cold)
+        print(f"==> 3/3 {len(adapters)} distinct adapters vs 1", flush=True)
+        results["adapters"] = many_adapters(args, gateway, adapters)
+    finally:
+        if gateway_proc is not None:
+            gateway_proc.terminate()
+            gateway_proc.wait(30)
+        if engine is not None:
+            engine.stop()
+    results["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
+    report(results)
+    out = Path(args.out) if args.out else paths.runs_dir() / "serve-bench"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {path}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def report(r: dict) -> None:
+    o, c, a = r["overhead"], r["cold_adapter"], r["adapters"]
+    t = o["throughput_tok_s"]
+    print("\n== gateway overhead (same engine, alternating rounds)")
+    print(
+        f"  output throughput: direct {t['direct']:.1f} tok/s, gateway {t['gateway']:.1f} tok/s, "
+        f"ratio {o['throughput_ratio']:.3f} (goal >= 0.97)"
+    )
+    cores, n = o["gateway_cpu_cores"], o["cpu_count"]
+    print(
+        f"  gateway CPU: {cores:.3f} cores while serving, {o['gateway_cpu_ms_per_1k_tokens']:.0f} ms per 1k output"
+        f" tokens (= {cores / n:.1%} of this machine's {n} cores)"
+    )
+    u, p = o["median_ttft_ms_under_load"], o["median_ttft_ms_one_at_a_time"]
+    print(
+        f"  median TTFT under load: direct {u['direct']:.1f} ms, gateway {u['gateway']:.1f} ms, "
+        f"added {o['added_median_ttft_ms_under_load']:+.1f} ms"
+    )
+    print(
+        f"  median TTFT one at a time: direct {p['direct']:.1f} ms, gateway {p['gateway']:.1f} ms, "
+        f"added {o['added_median_ttft_ms_one_at_a_time']:+.1f} ms (goal <= 3)"
+    )
+    print("== cold adapter (hot-load on first use)")
+    print(
+        f"  first token cold {c['cold_ttft_ms']:.0f} ms, warm {c['warm_ttft_ms']:.0f} ms, "
+        f"cold - warm {c['cold_minus_warm_ms']:+.0f} ms"
+    )
+    n = next(k for k in a if k.endswith("_adapters_tok_s"))
+    print("== distinct adapters")
+    print(
+        f"  1 adapter {a['one_adapter_tok_s']:.1f} tok/s, {n.split('_')[0]} adapters {a[n]:.1f} tok/s, "
+        f"ratio {a['ratio']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

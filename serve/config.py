@@ -1,0 +1,280 @@
+"""The deployment config: engines, adapters, tenants, prices and the gateway, validated on load.
+
+One YAML file describes a deployment. Every problem is reported at once and names its field the way a user
+reads the file (`tenants[1].limits.rpm: must be > 0`). Label values for metrics (tenant, model, upstream names)
+come from here only, so their cardinality is bounded by the config.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+DEFAULT_CONFIG = "default.yaml"
+
+
+class ConfigError(ValueError):
+    """The config is wrong; the message lists every problem, each naming its field."""
+
+
+class _Strict(BaseModel):
+    # A typo in a key must be an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_name(v: str) -> str:
+    if not NAME.match(v):
+        raise ValueError(f"{v!r} is not a valid name: use letters, digits, '.', '_', '-' (at most 64)")
+    return v
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class GatewayConfig(_Strict):
+    host: str = Field("127.0.0.1", description="address the gateway listens on")
+    port: int = Field(8080, gt=0, lt=65536, description="gateway port")
+    admin_key_hash: str | None = Field(None, description="sha256:<hex> of the admin key; none = admin API off")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
+    max_tokens_cap: int = Field(2048, gt=0, description="requests asking for more max_tokens get 400")
+    request_timeout_s: float = Field(300.0, gt=0, description="longest wait for an engine's next bytes")
+    connect_timeout_s: float = Field(2.0, gt=0, description="engine connect timeout; past it the replica is down")
+    health_interval_s: float = Field(2.0, gt=0, description="how often each engine's /health is polled")
+    retry_after_s: int = Field(5, gt=0, description="Retry-After sent with 503 when no engine is up")
+    log_dir: str | None = Field(None, description="engine logs; default: runs/serve under the lorafleet home")
+
+    @field_validator("admin_key_hash")
+    @classmethod
+    def _hash(cls, v: str | None) -> str | None:
+        if v is not None and not KEY_HASH.match(v):
+            raise ValueError("must look like sha256:<64 hex digits>; make one with `lorafleet serve hash-key KEY`")
+        return v
+
+
+class EngineConfig(_Strict):
+    name: Name = Field(description="engine name; the `upstream` label of its metrics")
+    model: str = Field(description="lorafleet model id (models/<id>) or a local HF folder")
+    served_name: str | None = Field(
+        None, description="the model name clients use; default: the model id or folder name"
+    )
+    port: int = Field(8001, gt=0, lt=65536, description="port of the first replica; replica i uses port + i")
+    replicas: int = Field(1, gt=0, le=16, description="vLLM processes serving this model")
+    urls: list[str] = Field([], description="engines already running elsewhere: route to these, start nothing")
+    enable_lora: bool = True
+    max_lora_rank: int = Field(16, description=f"vLLM --max-lora-rank, one of {VLLM_LORA_RANKS}")
+    max_loras: int = Field(4, gt=0, description="distinct adapters in one batch (vLLM --max-loras)")
+    max_cpu_loras: int | None = Field(None, gt=0, description="adapters cached in RAM; default max(max_loras, 8)")
+    max_model_len: int = Field(2048, gt=0)
+    kv_cache_gib: int = Field(2, gt=0, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    price_usd_per_hour: float = Field(0.0, ge=0, description="what one replica costs to run")
+    extra_args: list[str] = Field([], description="more vLLM server arguments")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {VLLM_LORA_RANKS} (vLLM refuses other ranks), got {v}")
+        return v
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not re.match(r"^https?://[^/\s]+$", url):
+                raise ValueError(f"{url!r} must be an engine root like http://127.0.0.1:8001 (no path)")
+        return v
+
+    @property
+    def public_name(self) -> str:
+        return self.served_name or Path(self.model).name
+
+    @property
+    def managed(self) -> bool:
+        """Whether lorafleet starts this engine's processes (else they run elsewhere, at `urls`)."""
+        return not self.urls
+
+    def replica_urls(self) -> list[str]:
+        return list(self.urls) or [f"http://127.0.0.1:{self.port + i}" for i in range(self.replicas)]
+
+    def replica_names(self) -> list[str]:
+        n = len(self.replica_urls())
+        return [self.name] if n == 1 else [f"{self.name}-{i}" for i in range(n)]
+
+
+class AdapterConfig(_Strict):
+    name: Name = Field(description="the model name clients send")
+    path: str = Field(description="adapter folder, relative to the adapters root (or absolute inside it)")
+    base: str = Field(description="served name of the base model it was trained on")
+    mode: Literal["lora", "merged"] = Field("lora", description="lora: hot-loaded; merged: own engine, base speed")
+    port: int | None = Field(None, gt=0, lt=65536, description="merged only: port of its own engine")
+    url: str | None = Field(None, description="merged only: its engine runs elsewhere, at this root URL")
+    optional: bool = Field(False, description="skip it (with a warning) when its folder does not exist")
+
+
+class Limits(_Strict):
+    rpm: int | None = Field(None, gt=0, description="requests per minute (sliding window); none = unlimited")
+    tpm: int | None = Field(None, gt=0, description="prompt+completion tokens per minute; none = unlimited")
+    concurrency: int | None = Field(None, gt=0, description="requests in flight; none = unlimited")
+
+
+class Price(_Strict):
+    input: float = Field(0.0, ge=0, description="$ per 1M prompt tokens")
+    output: float = Field(0.0, ge=0, description="$ per 1M completion tokens")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+
+class TenantConfig(_Strict):
+    name: Name
+    api_key_hashes: list[str] = Field(
+        min_length=1, description="sha256:<hex> of each key (`lorafleet serve hash-key`)"
+    )
+    models: list[str] = Field(["*"], description="models and adapters it may use; '*' = all")
+    limits: Limits = Limits()
+    prices: dict[str, Price] = Field({}, description="per-model price overrides for this tenant")
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _hashes(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if not KEY_HASH.match(h):
+                raise ValueError(
+                    f"{h!r} must look like sha256:<64 hex digits>; make one: `lorafleet serve hash-key KEY`"
+                )
+        return v
+
+
+class ServeConfig(_Strict):
+    gateway: GatewayConfig = GatewayConfig()
+    adapters_root: str | None = Field(None, description="registered adapters must live under it; default adapters/")
+    engines: list[EngineConfig] = Field(min_length=1)
+    adapters: list[AdapterConfig] = []
+    tenants: list[TenantConfig] = []
+    prices: dict[str, Price] = Field({}, description="$ per 1M tokens by model name; adapters default to their base")
+
+    def engine_for(self, served_name: str) -> EngineConfig | None:
+        return next((e for e in self.engines if e.public_name == served_name), None)
+
+    def model_names(self) -> list[str]:
+        return [e.public_name for e in self.engines] + [a.name for a in self.adapters]
+
+    def price(self, model: str, base: str | None = None, tenant: TenantConfig | None = None) -> Price:
+        """A tenant's override, else the model's list price, else its base model's, else free."""
+        for table in (tenant.prices if tenant else {}, self.prices):
+            for name in (model, base):
+                if name in table:
+                    return table[name]
+        return Price()
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _message(err: dict) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    simple = {"greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}", "less_than": "must be < {lt}"}
+    simple |= {"less_than_equal": "must be <= {le}", "missing": "is required", "literal_error": "must be {expected}"}
+    simple |= {"extra_forbidden": "unknown field; check its spelling against serve/default.yaml"}
+    simple |= {"too_short": "needs at least {min_length} item(s)"}
+    if kind in simple:
+        return simple[kind].format(**ctx)
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _cross_check(cfg: ServeConfig) -> list[str]:
+    """Problems that span several fields: unique names and ports, references that must resolve."""
+    problems: list[str] = []
+
+    def dupes(kind: str, items: list[tuple[str, Any]]) -> None:
+        seen: dict[Any, str] = {}
+        for where, value in items:
+            if value in seen:
+                problems.append(f"{where}: {kind} {value!r} is already used by {seen[value]}")
+            seen.setdefault(value, where)
+
+    dupes("name", [(f"engines[{i}].name", e.name) for i, e in enumerate(cfg.engines)])
+    models = [(f"engines[{i}].served_name", e.public_name) for i, e in enumerate(cfg.engines)]
+    dupes("model name", models + [(f"adapters[{i}].name", a.name) for i, a in enumerate(cfg.adapters)])
+    ports = [
+        (f"engines[{i}].port", e.port + r) for i, e in enumerate(cfg.engines) if e.managed for r in range(e.replicas)
+    ]
+    ports += [(f"adapters[{i}].port", a.port) for i, a in enumerate(cfg.adapters) if a.port is not None]
+    dupes("port", ports + [("gateway.port", cfg.gateway.port)])
+    dupes("tenant name", [(f"tenants[{i}].name", t.name) for i, t in enumerate(cfg.tenants)])
+    keys = [
+        (f"tenants[{i}].api_key_hashes[{j}]", h)
+        for i, t in enumerate(cfg.tenants)
+        for j, h in enumerate(t.api_key_hashes)
+    ]
+    dupes(
+        "key hash",
+        keys + ([("gateway.admin_key_hash", cfg.gateway.admin_key_hash)] if cfg.gateway.admin_key_hash else []),
+    )
+
+    bases = {e.public_name: e for e in cfg.engines}
+    for i, a in enumerate(cfg.adapters):
+        engine = bases.get(a.base)
+        if engine is None:
+            problems.append(f"adapters[{i}].base: unknown base model {a.base!r}; engines serve {sorted(bases)}")
+        elif a.mode == "lora" and not engine.enable_lora:
+            problems.append(f"adapters[{i}].base: engine {engine.name!r} has enable_lora: false")
+        if a.mode == "merged" and (a.port is None) == (a.url is None):
+            problems.append(f"adapters[{i}]: a merged adapter needs exactly one of port (lorafleet starts it) or url")
+        if a.mode == "lora" and (a.port is not None or a.url is not None):
+            problems.append(f"adapters[{i}]: port/url only apply to mode: merged")
+    known = set(cfg.model_names())
+    for i, t in enumerate(cfg.tenants):
+        for j, m in enumerate(t.models):
+            if m != "*" and m not in known:
+                problems.append(f"tenants[{i}].models[{j}]: unknown model {m!r}; known: {sorted(known)}")
+        for m in t.prices:
+            if m not in known:
+                problems.append(f"tenants[{i}].prices.{m}: unknown model; known: {sorted(known)}")
+    for m in cfg.prices:
+        if m not in known:
+            problems.append(f"prices.{m}: unknown model; known: {sorted(known)}")
+    return problems
+
+
+def parse_config(data: Any, source: str = "config") -> ServeConfig:
+    """Validate a parsed YAML document; raise ConfigError listing every problem by field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with engines/adapters/tenants, got {type(data).__name__}")
+    try:
+        cfg = ServeConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{_loc(err['loc'])}: {_message(err)}" for err in e.errors()]
+        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+    problems = _cross_check(cfg)
+    if problems:
+        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path | None = None) -> ServeConfig:
+    """Load and validate a YAML config; None means the embedded default (serve/default.yaml)."""
+    if path is None:
+        text, source = resources.files("serve").joinpath(DEFAULT_CONFIG).read_text(), "serve/default.yaml"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        text, source = p.read_text(), str(p)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({e})") from None
+    return parse_config(data, source)

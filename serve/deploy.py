@@ -1,0 +1,140 @@
+"""From a config to things on disk and processes: adapter folders, merged models, engine specs.
+
+Adapter folders must lie inside the adapters root; a path that climbs out (`..`, an absolute path elsewhere,
+a symlink, or a file in the folder that links out) is refused before any engine reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from lorafleet import paths
+from serve.config import AdapterConfig, ConfigError, EngineConfig, ServeConfig
+from serve.engine import EngineSpec
+from serve.registry import merged_group
+
+log = logging.getLogger("lorafleet.serve")
+HASH_FILE = "lorafleet_adapter_hash"
+
+
+class AdapterPathError(ValueError):
+    """An adapter path is outside the adapters root or not a folder."""
+
+
+def adapters_root(cfg: ServeConfig) -> Path:
+    return (Path(cfg.adapters_root).expanduser() if cfg.adapters_root else paths.adapters_dir()).resolve()
+
+
+def log_dir(cfg: ServeConfig) -> Path:
+    return Path(cfg.gateway.log_dir).expanduser() if cfg.gateway.log_dir else paths.runs_dir() / "serve"
+
+
+def adapter_dir(root: Path, path: str | Path) -> Path:
+    """The resolved adapter folder for `path` (relative to `root`, or absolute inside it)."""
+    root = root.resolve()
+    resolved = (root / path).resolve()  # an absolute `path` replaces root; resolve() follows every symlink
+    if not resolved.is_relative_to(root):
+        raise AdapterPathError(f"{path}: adapter folders must be inside the adapters root {root}")
+    if not resolved.is_dir():
+        raise AdapterPathError(f"{path}: no such adapter folder under {root}")
+    for f in resolved.rglob("*"):
+        if not f.resolve().is_relative_to(root):
+            raise AdapterPathError(f"{path}: {f.name} links outside the adapters root")
+    return resolved
+
+
+def base_model_path(engine: EngineConfig) -> Path:
+    from train.models import model_path
+
+    return model_path(engine.model)
+
+
+def check_adapter(folder: Path, engine: EngineConfig) -> list[str]:
+    """What vLLM would refuse about this adapter on this engine (empty: servable)."""
+    from train.export import validate_adapter
+
+    return validate_adapter(folder, base_model=str(base_model_path(engine)), max_rank=engine.max_lora_rank)
+
+
+def configured_adapters(cfg: ServeConfig) -> dict[str, Path]:
+    """Folders of the configured LoRA adapters, checked; optional ones that are missing are skipped."""
+    root, found, problems = adapters_root(cfg), {}, []
+    for i, a in enumerate(cfg.adapters):
+        if a.mode != "lora":
+            continue
+        try:
+            folder = adapter_dir(root, a.path)
+        except AdapterPathError as e:
+            if a.optional and not (root / a.path).exists():
+                log.warning("adapter %s skipped: %s (train it, e.g. `lorafleet train run ...`)", a.name, e)
+                continue
+            problems.append(f"adapters[{i}].path: {e}")
+            continue
+        issues = check_adapter(folder, cfg.engine_for(a.base))
+        if issues:
+            problems.append(f"adapters[{i}]: {folder} would be refused by vLLM: " + "; ".join(issues))
+            continue
+        found[a.name] = folder
+    if problems:
+        raise ConfigError("adapters are not servable:\n  " + "\n  ".join(problems))
+    return found
+
+
+def folder_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def ensure_merged(cfg: ServeConfig, adapter: AdapterConfig) -> Path:
+    """models/merged-<adapter>/: base + adapter folded into one model, re-merged only when the adapter changed."""
+    from train.export import merge_adapter
+
+    source = adapter_dir(adapters_root(cfg), adapter.path)
+    out, digest = paths.models_dir() / merged_group(adapter.name), folder_hash(source)
+    marker = out / HASH_FILE
+    if marker.is_file() and marker.read_text().strip() == digest:
+        return out
+    log.info("merging adapter %s into its base (cached at %s)", adapter.name, out)
+    merge_adapter(source, out)
+    marker.write_text(digest + "\n")
+    return out
+
+
+def engine_specs(cfg: ServeConfig) -> dict[str, EngineSpec]:
+    """Specs of the engine processes lorafleet runs itself, by replica name (merged adapters included)."""
+    specs: dict[str, EngineSpec] = {}
+    for e in cfg.engines:
+        if not e.managed:
+            continue
+        for i, name in enumerate(e.replica_names()):
+            specs[name] = EngineSpec(
+                name=name,
+                model=base_model_path(e),
+                port=e.port + i,
+                served_name=e.public_name,
+                enable_lora=e.enable_lora,
+                max_lora_rank=e.max_lora_rank,
+                max_loras=e.max_loras,
+                max_cpu_loras=e.max_cpu_loras,
+                max_model_len=e.max_model_len,
+                kv_cache_gib=e.kv_cache_gib,
+                extra_args=list(e.extra_args),
+            )
+    for a in cfg.adapters:
+        if a.mode == "merged" and a.port is not None:
+            base = cfg.engine_for(a.base)
+            specs[merged_group(a.name)] = EngineSpec(
+                name=merged_group(a.name),
+                model=ensure_merged(cfg, a),
+                port=a.port,
+                served_name=a.name,
+                enable_lora=False,
+                max_model_len=base.max_model_len,
+                kv_cache_gib=base.kv_cache_gib,
+                extra_args=list(base.extra_args),
+            )
+    return specs

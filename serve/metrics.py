@@ -1,0 +1,52 @@
+"""The gateway's Prometheus metrics. The names are a contract with dashboards/ and loadtest/: keep them exact.
+
+Each gateway has its own CollectorRegistry, so several gateways (tests) can live in one process. Label values
+come from the config (tenants, models, engines) or from small fixed sets; a request for a model or with a key
+the gateway does not know is labelled "unknown", so clients cannot grow the series count.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2, 5)
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        tm = ["tenant", "model"]
+        self.requests = Counter("lorafleet_requests", "Requests by HTTP status", [*tm, "code"], registry=r)
+        self.tokens = Counter("lorafleet_tokens", "Tokens from the engine's usage", [*tm, "kind"], registry=r)
+        self.cost = Counter("lorafleet_cost_usd", "Cost at the configured price", tm, registry=r)
+        self.ttft = Histogram(
+            "lorafleet_ttft_seconds", "Time to first content", tm, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "lorafleet_itl_seconds", "Gap between streamed chunks", tm, buckets=ITL_BUCKETS, registry=r
+        )
+        self.request_seconds = Histogram(
+            "lorafleet_request_seconds", "Whole request at the gateway", tm, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.adapter_loads = Counter(
+            "lorafleet_adapter_loads", "Adapter loads into an engine", ["adapter", "result"], registry=r
+        )
+        self.adapter_load_seconds = Histogram(
+            "lorafleet_adapter_load_seconds", "Adapter load time", ["adapter"], buckets=LOAD_BUCKETS, registry=r
+        )
+        self.ratelimited = Counter(
+            "lorafleet_ratelimited", "Requests refused by a limit", ["tenant", "limit"], registry=r
+        )
+        self.upstream_up = Gauge("lorafleet_upstream_up", "1 if the engine answers /health", ["upstream"], registry=r)
+        self.inflight = Gauge("lorafleet_inflight_requests", "Requests in flight", ["tenant"], registry=r)
+        self.quota = Gauge(
+            "lorafleet_quota_utilization", "Share of a per-minute limit used", ["tenant", "limit"], registry=r
+        )
+        self.price = Gauge(
+            "lorafleet_price_usd_per_hour", "What an engine costs to run", ["upstream", "model"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,79 @@
+"""API keys -> tenants, what each tenant may use, and what it has used.
+
+Keys are stored as SHA-256 hashes: API keys are long random tokens, so a fast hash is enough (a slow password
+hash would cost CPU on every request), and a leaked config does not leak keys. Every stored hash is compared
+with `hmac.compare_digest`, without an early exit, so response time says nothing about which hash was close.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+
+from serve.config import Limits, TenantConfig
+
+UNKNOWN = "unknown"  # the tenant label of requests whose key matched no tenant
+
+
+def hash_key(key: str) -> str:
+    """The form a key is stored in a config: `sha256:<hex>`."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key in an `Authorization: Bearer KEY` header (the OpenAI clients send exactly that)."""
+    if not authorization:
+        return None
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
+
+
+def key_matches(key: str, stored_hash: str) -> bool:
+    return hmac.compare_digest(hash_key(key).encode(), stored_hash.encode())
+
+
+@dataclass
+class Usage:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass
+class Tenant:
+    name: str
+    models: set[str]  # '*' = every model
+    limits: Limits
+    config: TenantConfig
+    usage: Usage = field(default_factory=Usage)
+
+    def may_use(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
+class TenantStore:
+    def __init__(self, tenants: list[TenantConfig]):
+        self.tenants = {t.name: Tenant(t.name, set(t.models), t.limits, t) for t in tenants}
+        self._hashes = [(h, t.name) for t in tenants for h in t.api_key_hashes]
+
+    def authenticate(self, key: str | None) -> Tenant | None:
+        if not key:
+            return None
+        digest = hash_key(key).encode()
+        found = None
+        for stored, name in self._hashes:
+            # No early exit: every request costs the same comparisons whichever key it carries.
+            if hmac.compare_digest(digest, stored.encode()):
+                found = name
+        return self.tenants[found] if found else None
+
+    def grant(self, model: str, tenant_names: list[str]) -> None:
+        for name in tenant_names:
+            self.tenants[name].models.add(model)
+
+    def revoke(self, model: str) -> None:
+        for t in self.tenants.values():
+            t.models.discard(model)

@@ -1,0 +1,95 @@
+"""Helpers for the gateway tests: configs built in code, a fake engine, random LoRA adapters."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from serve.config import ServeConfig, parse_config
+from serve.tenants import hash_key
+from tests.conftest import MODELS, free_port
+from tests.serve.fake_engine import FakeEngine
+
+KEYS = {name: f"sk-test-{name}" for name in ("acme", "globex", "tight", "single", "meter")}
+ADMIN_KEY = "sk-test-admin"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tenant(name: str, models: list[str], **limits) -> dict:
+    return {"name": name, "api_key_hashes": [hash_key(KEYS[name])], "models": models, "limits": limits}
+
+
+def config(
+    engines: list[dict],
+    tenants: list[dict],
+    adapters: list[dict] | None = None,
+    adapters_root: Path | None = None,
+    prices: dict | None = None,
+    **gateway,
+) -> ServeConfig:
+    data = {
+        "adapters_root": str(adapters_root) if adapters_root else None,
+        "gateway": {
+            "admin_key_hash": hash_key(ADMIN_KEY),
+            "connect_timeout_s": 1,
+            "health_interval_s": 0.5,
+            **gateway,
+        },
+        "engines": engines,
+        "adapters": adapters or [],
+        "tenants": tenants,
+        "prices": prices or {},
+    }
+    return parse_config(data)
+
+
+def make_random_adapter(base_path: Path, out_dir: Path, seed: int = 0, r: int = 8) -> Path:
+    """A LoRA adapter with random non-zero A and B on every linear layer (as tests/e2e/test_vllm_smoke.py)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.2)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels`, from a Prometheus text exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+        if all(got.get(k) == str(v) for k, v in labels.items()):
+            total += float(m.group(4))
+    return total
+
+
+def scrape(url: str, name: str, **labels) -> float:
+    return metric(httpx.get(f"{url}/metrics", timeout=10).text, name, **labels)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_root(tmp_path_factory) -> Path:
+    """An adapters root holding one random adapter for tiny-random-llama (`tiny-a`), made once."""
+    root = tmp_path_factory.mktemp("adapters")
+    make_random_adapter(MODELS / "tiny-random-llama", root / "tiny-a")
+    return root
+
+
+@pytest.fixture
+def fake_engine():
+    engine = FakeEngine(free_port()).start()
+    yield engine
+    engine.stop()

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import httpx
+import pytest
+import yaml
+
+from lorafleet.cli import main
+from serve import deploy
+from serve.app import ServerThread, create_app
+from serve.tenants import hash_key
+from tests.conftest import MODELS, free_port
+from tests.serve.conftest import KEYS, config, scrape, tenant
+from tests.serve.fake_engine import FakeEngine
+
+TINY = str(MODELS / "tiny-random-llama")
+
+
+def test_hash_key_command(capsys):
+    assert main(["serve", "hash-key", "sk-acme-demo"]) == 0
+    assert capsys.readouterr().out.strip() == hash_key("sk-acme-demo")
+
+
+def test_check_command_accepts_the_default_config(capsys):
+    assert main(["serve", "check"]) == 0
+    out = capsys.readouterr().out
+    assert "engine smollm2" in out and "tenant acme" in out and "config ok" in out
+
+
+def test_check_command_names_the_bad_field(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"engines": [{"name": "e", "model": TINY, "max_loras": 0}]}))
+    assert main(["serve", "check", str(path)]) == 2
+    assert "engines[0].max_loras: must be > 0" in capsys.readouterr().err
+
+
+def test_serve_refuses_an_unknown_engine_selection(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"engines": [{"name": "e", "model": TINY}], "gateway": {"log_dir": str(tmp_path)}}))
+    assert main(["serve", str(path), "--engines", "nope"]) == 2
+    assert "--engines: unknown ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "path,ok",
+    [
+        ("a", True),
+        ("./a", True),
+        ("../a", False),
+        ("/etc", False),
+        ("a/../../a", False),
+        ("link-out", False),
+        ("missing", False),
+    ],
+)
+def test_adapter_dir_stays_inside_the_root(tmp_path, path, ok):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "a").mkdir()
+    (root / "link-out").symlink_to(tmp_path / "a")
+    if ok:
+        assert deploy.adapter_dir(root, path) == (root / "a").resolve()
+    else:
+        with pytest.raises(deploy.AdapterPathError):
+            deploy.adapter_dir(root, path)
+
+
+def test_adapter_dir_refuses_a_file_that_links_out(tmp_path):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "secret").write_text("x")
+    (root / "a" / "adapter_model.safetensors").symlink_to(tmp_path / "secret")
+    with pytest.raises(deploy.AdapterPathError, match="links outside"):
+        deploy.adapter_dir(root, "a")
+
+
+def test_missing_optional_adapter_is_skipped_and_required_one_is_an_error(tiny_adapter_root):
+    def cfg(optional: bool):
+        return config(
+            [{"name": "e", "model": TINY, "served_name": "tiny", "urls": ["http://127.0.0.1:9"]}],
+            [],
+            [
+                {"name": "tiny-a", "path": "tiny-a", "base": "tiny"},
+                {"name": "later", "path": "not-trained-yet", "base": "tiny", "optional": optional},
+            ],
+            adapters_root=tiny_adapter_root,
+        )
+
+    assert set(deploy.configured_adapters(cfg(optional=True))) == {"tiny-a"}
+    with pytest.raises(deploy.ConfigError, match=r"adapters\[1\].path: not-trained-yet: no such adapter folder"):
+        deploy.configured_adapters(cfg(optional=False))
+
+
+def test_merged_adapter_gets_its_own_engine_and_is_merged_once(tiny_adapter_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path))
+    cfg = config(
+        [{"name": "e", "model": TINY, "served_name": "tiny", "port": 9101}],
+        [],
+        [{"name": "tiny-m", "path": "tiny-a", "base": "tiny", "mode": "merged", "port": 9102}],
+        adapters_root=tiny_adapter_root,
+    )
+    specs = deploy.engine_specs(cfg)
+    merged = specs["merged-tiny-m"]
+    assert (merged.served_name, merged.enable_lora, merged.port) == ("tiny-m", False, 9102)
+    assert merged.model == tmp_path / "models" / "merged-tiny-m" and (merged.model / "config.json").is_file()
+    assert specs["e"].enable_lora and specs["e"].port == 9101
+
+    calls = []
+    monkeypatch.setattr("train.export.merge_adapter", lambda *a, **k: calls.append(a))
+    deploy.engine_specs(cfg)
+    assert calls == []  # same adapter files: the cached merge is reused
+
+
+def test_merged_adapter_is_routed_to_its_engine_without_loading():
+    merged_engine = FakeEngine(free_port(), base="tiny-m").start()  # serves the merged model under its name
+    cfg = config(
+        [{"name": "e", "model": TINY, "served_name": "tiny", "urls": [f"http://127.0.0.1:{free_port()}"]}],
+        [tenant("acme", ["tiny-m"])],
+        [{"name": "tiny-m", "path": "tiny-a", "base": "tiny", "mode": "merged", "url": merged_engine.url}],
+    )
+    server = ServerThread(create_app(cfg, {}), port=free_port()).start()
+    try:
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"model": "tiny-m", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {KEYS['acme']}"},
+        )
+        assert r.status_code == 200 and merged_engine.state.load_calls == 0
+        assert scrape(server.url, "lorafleet_upstream_up", upstream="merged-tiny-m") == 1
+    finally:
+        server.stop()
+        merged_engine.stop()

@@ -1,0 +1,71 @@
+"""An engine that dies is restarted by the supervisor and gets its adapters back (its own engine: ~1-2 min).
+
+SmolLM2, not tiny-random-llama: vLLM's CPU attention needs head_dim >= 32 and the tiny model has 16 (its
+first request kills the engine with "Unsupported CPU attention configuration: head_dim=16").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import httpx
+import pytest
+
+from serve.app import ServerThread, create_app
+from serve.deploy import engine_specs
+from serve.supervisor import Supervisor
+from tests.conftest import free_port
+from tests.serve.conftest import KEYS, config, make_random_adapter, scrape, tenant
+from tests.serve.fake_engine import wait_for
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def test_killed_engine_is_restarted_and_its_adapters_come_back(smollm2_path, tmp_path):
+    make_random_adapter(smollm2_path, tmp_path / "adapters" / "smol-a")
+    cfg = config(
+        [{"name": "smol", "model": str(smollm2_path), "served_name": "smol", "port": free_port(), "max_loras": 1}],
+        [tenant("acme", ["*"])],
+        [{"name": "smol-a", "path": "smol-a", "base": "smol"}],
+        adapters_root=tmp_path / "adapters",
+        log_dir=str(tmp_path),
+    )
+    supervisor = Supervisor(engine_specs(cfg), tmp_path, poll_s=0.5, backoff_s=(0.5, 5.0))
+    supervisor.start_all()
+    server = ServerThread(create_app(cfg, supervisor=supervisor), port=free_port()).start()
+    engine = supervisor.engines["smol"]
+
+    def ask() -> httpx.Response:
+        body = {"model": "smol-a", "messages": MSG, "max_tokens": 2}
+        return httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json=body,
+            timeout=60,
+            headers={"Authorization": f"Bearer {KEYS['acme']}"},
+        )
+
+    def engine_models() -> list[str]:
+        try:
+            return [m["id"] for m in httpx.get(f"{engine.spec.url}/v1/models").json()["data"]]
+        except (httpx.HTTPError, ValueError):
+            return []
+
+    try:
+        assert ask().status_code == 200
+        old_pid = engine.proc.pid
+        os.killpg(old_pid, signal.SIGKILL)
+        assert wait_for(lambda: not engine.alive() or engine.proc.pid != old_pid, timeout=30)
+        if supervisor.restarts["smol"] == 0 and not engine.healthy():
+            down = ask()  # while it is down: a quick 503, never a hang
+            assert down.status_code == 503 and "retry-after" in down.headers
+        assert wait_for(lambda: supervisor.restarts["smol"] == 1, timeout=600, interval=1)
+        assert engine.proc.pid != old_pid
+        # the gateway loads the adapter back by itself, before anyone asks for it
+        assert wait_for(lambda: "smol-a" in engine_models(), timeout=60, interval=0.5)
+        assert ask().status_code == 200
+        assert scrape(server.url, "lorafleet_adapter_loads_total", adapter="smol-a", result="ok") == 2
+    finally:
+        server.stop()
+        supervisor.stop_all()

@@ -1,0 +1,360 @@
+"""The LoRA trainer on the tiny random Llama: learning, masking, exact resume, early input checks, config, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+from train import trainer
+from train.config import ConfigError, TrainConfig, load_config
+from train.data import DataError
+from train.export import validate_adapter
+from train.trainer import IGNORE, TrainError, encode, epoch_batches, setup, train
+
+WORDS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "olive", "peach", "plum", "melon", "kiwi", "fig"]
+
+
+@pytest.fixture(autouse=True)
+def _home(monkeypatch):
+    # Model ids (tiny-random-llama) resolve under $LORAFLEET_HOME/models whatever the working directory.
+    monkeypatch.setenv("LORAFLEET_HOME", str(ROOT))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def chat(i: int) -> dict:
+    w = WORDS[i % len(WORDS)]
+    return {
+        "messages": [
+            {"role": "system", "content": "Repeat the word."},
+            {"role": "user", "content": f"Say {w} {i}"},
+            {"role": "assistant", "content": f"{w} {i}"},
+        ]
+    }
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(24)])
+
+
+def tiny(tmp_path: Path, data: Path, /, **kw) -> TrainConfig:
+    values = {
+        "base_model": "tiny-random-llama",
+        "data": str(data),
+        "output_dir": str(tmp_path / "out"),
+        "batch_size": 4,
+        "progress": False,
+        "max_steps": 6,
+        "lr": 1e-2,
+        "seed": 0,
+        **kw,
+    }
+    return load_config(None, values)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ROOT / "models" / "tiny-random-llama")
+
+
+# ---------------------------------------------------------------- learning
+
+
+def test_loss_falls_when_overfitting_a_few_examples(tmp_path):
+    data = write_jsonl(tmp_path / "four.jsonl", [chat(i) for i in range(4)])
+    cfg = tiny(tmp_path, data, eval_fraction=0.0, max_steps=30, warmup=0, schedule="constant", r=16, alpha=32)
+    out = train(cfg, log=lambda _: None)
+    losses = [loss for _, loss in json.loads((out / "lorafleet_train.json").read_text())["metrics"]["train_loss"]]
+    # The random 64-wide model caps how high any logit can go, so "falls" is tenths of a nat, not to zero.
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.3, losses
+
+
+def test_only_lora_weights_change(tmp_path, data_file):
+    run = setup(tiny(tmp_path, data_file), log=lambda _: None)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    run.fit()
+    after = dict(run.model.named_parameters())
+    base = [n for n in before if "lora_" not in n]
+    lora_b = [n for n in before if "lora_B" in n]
+    assert base and lora_b
+    assert all(torch.equal(before[n], after[n]) for n in base), "a base weight moved"
+    assert all(not torch.equal(before[n], after[n]) for n in lora_b), "a LoRA B weight did not move"
+    assert all(after[n].dtype == torch.float32 for n in lora_b), "LoRA weights must train in fp32"
+
+
+def test_adapter_and_report_are_written_and_valid(tmp_path, data_file):
+    out = train(tiny(tmp_path, data_file, eval_every=3), log=lambda _: None)
+    report = json.loads((out / "lorafleet_train.json").read_text())
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert validate_adapter(out, base_model="tiny-random-llama") == []
+    assert adapter_cfg["base_model_name_or_path"] == "tiny-random-llama"
+    assert set(adapter_cfg["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert report["config"]["r"] == 8 and report["metrics"]["steps"] == 6
+    assert [s for s, _ in report["metrics"]["eval_loss"]] == [3, 6]
+    assert 0 < report["params"]["share"] < 0.05 and report["metrics"]["tokens_per_s"] > 0
+    assert report["metrics"]["peak_rss_mb"] > 0 and report["metrics"]["wall_seconds"] > 0
+
+
+# ---------------------------------------------------------------- masking
+
+
+CONVERSATIONS = {
+    "system+user": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+    ],
+    "no system": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4, of course."}],
+    "multi-turn": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "name a colour"},
+        {"role": "assistant", "content": '{"colour": "red"}'},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_labels_cover_only_the_final_answer_and_end_of_turn(tok, name):
+    messages = CONVERSATIONS[name]
+    ex, status = encode(tok, messages, max_len=512, overlong="skip")
+    labelled = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != IGNORE]
+    assert status == "ok"
+    assert tok.decode(labelled) == messages[-1]["content"] + "<|im_end|>"
+    assert [lab for lab in ex.labels if lab != IGNORE] == labelled  # labels are the tokens themselves
+    first = ex.labels.index(labelled[0])
+    assert all(lab == IGNORE for lab in ex.labels[:first])  # the prompt, earlier answers included, is masked
+
+
+@pytest.mark.parametrize("overlong,kept,message", [("skip", 8, "0 truncated, 2 skipped"),
+                                                   ("truncate", 10, "2 truncated, 0 skipped")])  # fmt: skip
+def test_overlong_examples_are_counted_not_silently_dropped(tmp_path, overlong, kept, message):
+    long = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "done " * 40}]}
+    data = write_jsonl(tmp_path / "mixed.jsonl", [chat(i) for i in range(8)] + [long, long])
+    logs = []
+    run = setup(tiny(tmp_path, data, max_len=40, eval_fraction=0.0, overlong=overlong), log=logs.append)
+    assert run.data.report["overlong_train"] == 2
+    assert f"2 train examples are longer than max_len=40: {message}" in logs
+    assert len(run.data.train) == kept
+    assert max(len(e.input_ids) for e in run.data.train) <= 40
+
+
+def test_a_prompt_longer_than_max_len_is_skipped_even_when_truncating(tmp_path):
+    long = {"messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "x"}]}
+    data = write_jsonl(tmp_path / "mixed.jsonl", [chat(0), long])
+    run = setup(tiny(tmp_path, data, max_len=40, eval_fraction=0.0, overlong="truncate"), log=lambda _: None)
+    assert (run.data.report["skipped_train"], len(run.data.train)) == (1, 1)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_batches_cover_every_example_once_and_group_lengths(tmp_path, data_file):
+    cfg = tiny(tmp_path, data_file, batch_size=4)
+    lengths = [10 + (i * 37) % 200 for i in range(128)]
+    batches = epoch_batches(lengths, cfg, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(128))
+    assert epoch_batches(lengths, cfg, 0) == batches and epoch_batches(lengths, cfg, 1) != batches
+
+    def padding(bs):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)
+
+    random_batches = [list(range(i, i + 4)) for i in range(0, 128, 4)]
+    assert padding(batches) < padding(random_batches) / 4
+
+
+def test_token_budget_batches_stay_under_budget(tmp_path, data_file):
+    cfg = tiny(tmp_path, data_file, batch_tokens=600, max_len=512)
+    lengths = [10 + (i * 37) % 200 for i in range(64)]
+    batches = epoch_batches(lengths, cfg, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(64))
+    assert all(len(b) * max(lengths[i] for i in b) <= 600 for b in batches)
+
+
+def test_loss_at_label_positions_equals_the_masked_full_forward(tmp_path):
+    rows = [chat(i) for i in range(3)] + [{"prompt": "a much longer prompt " * 5, "completion": "ok"}]
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    run = setup(tiny(tmp_path, data, bf16="false", eval_fraction=0.0), log=lambda _: None)
+    batch = trainer.collate(run.data.train, run.pad_id)
+    assert (batch["attention_mask"] == 0).any()  # the batch really is padded
+    with torch.no_grad():
+        sparse = trainer.loss_sum(run.model, batch, logits_at_labels=True) / trainer.n_labels(batch)
+        full = trainer.loss_sum(run.model, batch, logits_at_labels=False) / trainer.n_labels(batch)
+        reference = run.model(**batch).loss  # transformers' own loss, with the attention mask
+    assert torch.allclose(sparse, reference, rtol=1e-5) and torch.allclose(full, reference, rtol=1e-5)
+
+
+def test_same_seed_same_lora_init_different_seed_different(tmp_path, data_file):
+    def lora_a(seed):
+        run = setup(tiny(tmp_path, data_file, seed=seed), log=lambda _: None)
+        return next(p.detach().clone() for n, p in run.model.named_parameters() if "lora_A" in n)
+
+    assert torch.equal(lora_a(1), lora_a(1))
+    assert not torch.equal(lora_a(1), lora_a(2))
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({}, id="plain"),
+        # 22 train examples / 2 per batch = 11 batches an epoch; 10 steps x 2 micro-batches cross into epoch 2.
+        pytest.param({"max_steps": 10, "dropout": 0.1, "grad_accum": 2, "batch_size": 2}, id="epochs+dropout+accum"),
+    ],
+)
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_file, extra):
+    steps = extra.get("max_steps", 6)
+    straight = train(tiny(tmp_path / "a", data_file, **extra), log=lambda _: None)
+    cfg = tiny(tmp_path / "b", data_file, save_every=2, **extra)
+    train(cfg, log=lambda _: None, stop_after=steps // 2)
+    assert not (tmp_path / "b" / "out" / "adapter_model.safetensors").exists()  # stopped before the end
+    resumed = train(tiny(tmp_path / "b", data_file, save_every=2, resume=True, **extra), log=lambda _: None)
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"resume max abs weight diff: {diff}")
+    assert a.keys() == b.keys() and diff < 1e-6
+    losses = [
+        json.loads((d / "lorafleet_train.json").read_text())["metrics"]["train_loss"] for d in (straight, resumed)
+    ]
+    assert losses[0] == losses[1]
+
+
+def test_resume_refuses_a_changed_config(tmp_path, data_file):
+    train(tiny(tmp_path, data_file, save_every=2), log=lambda _: None, stop_after=2)
+    with pytest.raises(TrainError, match="config fields changed.*lr"):
+        train(tiny(tmp_path, data_file, save_every=2, resume=True, lr=5e-3), log=lambda _: None)
+
+
+# ---------------------------------------------------------------- bad input fails before training
+
+BAD_INPUT = [
+    # (case, jsonl lines or None for the good file, config overrides, error type, message pattern)
+    ("malformed line", [chat(0), "{not json"], {}, DataError, r"train\.jsonl:2: bad JSON"),
+    ("empty file", [], {}, DataError, "no examples"),
+    (
+        "missing assistant",
+        [chat(0), {"messages": [{"role": "user", "content": "hi"}]}],
+        {},
+        DataError,
+        r"train\.jsonl:2: .*assistant",
+    ),
+    ("unknown base model", None, {"base_model": "no-such-model"}, TrainError, "unknown model 'no-such-model'"),
+]
+
+
+@pytest.mark.parametrize("case,lines,overrides,error,pattern", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_fails_before_the_model_loads(
+    tmp_path, data_file, monkeypatch, case, lines, overrides, error, pattern
+):
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(trainer, "build_model", no_model)
+    data = data_file if lines is None else write_jsonl(tmp_path / "train.jsonl", lines)
+    with pytest.raises(error, match=pattern):
+        train(tiny(tmp_path, data, **overrides), log=lambda _: None)
+
+
+BAD_CONFIG = [
+    ({"r": 12}, "r=12 cannot be served by vLLM"),
+    ({"r": 32}, "r=32 is greater than max_serving_rank=16"),
+    ({"max_steps": "three"}, "max_steps must be int"),
+    ({"lr": -1}, "lr must be > 0"),
+    ({"bf16": "maybe"}, "bf16 must be one of auto, true, false"),
+    ({"data": ""}, "exactly one of `task`"),
+    ({"task": "contract"}, "exactly one of `task`"),
+    ({"no_such_key": 1}, "unknown config key.*no_such_key.*valid keys: name, base_model"),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern", BAD_CONFIG, ids=[",".join(f"{k}={v}" for k, v in o.items()) for o, _ in BAD_CONFIG]
+)
+def test_bad_config_is_refused_naming_the_field(tmp_path, data_file, overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        tiny(tmp_path, data_file, **overrides)
+
+
+def test_overrides_are_coerced_to_the_field_types(tmp_path):
+    cfg = load_config("tiny", ["max_steps=3", "lr=5e-4", "bf16=true", "target_modules=q_proj,v_proj", "progress=no"])
+    assert (cfg.max_steps, cfg.lr, cfg.bf16, cfg.target_modules, cfg.progress) == (
+        3,
+        5e-4,
+        "true",
+        ["q_proj", "v_proj"],
+        False,
+    )
+    assert cfg.base_model == "tiny-random-llama"  # from the YAML file
+
+
+def test_unservable_target_module_fails_before_training(tmp_path, data_file):
+    with pytest.raises(TrainError, match=r"target_modules \['lm_head'\] cannot be served by vLLM"):
+        setup(tiny(tmp_path, data_file, target_modules="q_proj,lm_head"), log=lambda _: None)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_run_tiny_writes_adapter_and_report(tmp_path, capsys):
+    from lorafleet.cli import main
+
+    out = tmp_path / "adapter"
+    rc = main(["train", "run", "tiny.yaml", "max_steps=3", f"output_dir={out}", "progress=false"])
+    assert rc == 0, capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    report = json.loads((out / "lorafleet_train.json").read_text())
+    assert report["metrics"]["steps"] == 3 and report["config"]["task"] == "contract"
+    assert f"adapter: {out}" in capsys.readouterr().out
+
+
+def test_cli_run_reports_a_bad_override_without_traceback(tmp_path, capsys):
+    from lorafleet.cli import main
+
+    assert main(["train", "run", "tiny.yaml", "r=12"]) == 2
+    assert "r=12 cannot be served by vLLM" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_short_real_smollm2_run_produces_a_servable_adapter(tmp_path):
+    cfg = load_config(
+        "manifest",
+        {
+            "n": 40,
+            "eval_n": 8,
+            "max_steps": 20,
+            "batch_size": 4,
+            "eval_every": 0,
+            "save_every": 0,
+            "output_dir": str(tmp_path / "manifest"),
+            "progress": False,
+        },
+    )
+    out = train(cfg, log=lambda _: None)
+    assert validate_adapter(out, base_model="smollm2-135m-instruct", max_rank=16) == []
+    report = json.loads((out / "lorafleet_train.json").read_text())
+    losses = [loss for _, loss in report["metrics"]["train_loss"]]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # a real model learns the answer format within 20 steps

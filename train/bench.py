@@ -1,0 +1,236 @@
+"""Training throughput: our trainer against a plain `transformers.Trainer` + PEFT baseline, same data, same run.
+
+    python -m train.bench                     # SmolLM2, contract task, 10 steps of 8 examples, 2 rounds
+    lorafleet train bench --task manifest --steps 6 --variants baseline,ours
+
+Variants (each in its own process, so peak RSS is its own):
+  baseline          transformers.Trainer + PEFT LoRA, fp32, DataCollatorForSeq2Seq padding to the longest
+                    in a random batch, full logits at every position
+  ours              train.trainer: bf16 base + autocast, length-grouped batches, LM head only at label positions
+  ours-full-logits  ours with the LM head at every position (shows what the sparse LM head is worth)
+  ours-fp32         ours without bf16 (shows what bf16 is worth)
+Throughput counts real (non-pad) tokens only. Rounds alternate the variants so a noisy neighbour hurts all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("baseline", "ours", "ours-full-logits", "ours-fp32")
+DEFAULT_VARIANTS = ("baseline", "ours", "ours-full-logits")
+RESULT_TAG = "BENCH_RESULT "
+
+
+def _config(spec: dict[str, Any], out: str, **extra: Any):
+    from train.config import load_config
+
+    return load_config(
+        None,
+        {
+            "base_model": spec["model"],
+            "task": spec["task"],
+            "n": spec["n"],
+            "eval_n": 1,
+            "seed": spec["seed"],
+            "max_steps": spec["steps"],
+            "batch_size": spec["batch_size"],
+            "lr": 2e-4,
+            "r": 8,
+            "alpha": 16,
+            "output_dir": out,
+            "progress": False,
+            "max_len": spec["max_len"],
+            **extra,
+        },
+    )
+
+
+def run_ours(spec: dict[str, Any], variant: str) -> dict[str, Any]:
+    from train.trainer import REPORT_FILE, train
+
+    extra = {"logits_at_labels": variant != "ours-full-logits", "bf16": "false" if variant == "ours-fp32" else "auto"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = train(_config(spec, tmp, **extra), log=lambda _: None)
+        m = json.loads((out / REPORT_FILE).read_text())["metrics"]
+    return {"tokens": m["tokens"], "seconds": m["train_seconds"], "final_loss": m["final_train_loss"]}
+
+
+def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
+    """What most people would write first: Trainer + PEFT, fp32, default collator, nothing clever."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from train.trainer import build_dataset, linear_module_names, resolve_base
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _config(spec, tmp)
+        base_path, _ = resolve_base(cfg)
+        tok = AutoTokenizer.from_pretrained(base_path)
+        rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in build_dataset(tok, cfg, lambda _: None).train]
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        torch.manual_seed(cfg.seed)
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=linear_module_names(model), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        counter = _CountingCollator(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=cfg.batch_size,
+            max_steps=cfg.max_steps,
+            learning_rate=2e-4,
+            lr_scheduler_type="cosine",
+            warmup_steps=1,
+            logging_steps=cfg.max_steps,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=cfg.seed,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+        )
+        timer = _step_timer()
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=counter, callbacks=[timer])
+        result = trainer.train()
+    return {"tokens": counter.tokens, "seconds": round(timer.seconds, 2), "final_loss": result.training_loss}
+
+
+class _CountingCollator:
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+def _step_timer():
+    """Time inside optimizer steps only, as our trainer reports it (no model load, no setup)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        seconds, t0 = 0.0, 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.seconds += time.perf_counter() - self.t0
+
+    return StepTimer()
+
+
+def worker(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
+    from train.trainer import peak_rss_mb
+
+    res = run_baseline(spec) if variant == "baseline" else run_ours(spec, variant)
+    res["tokens_per_s"] = round(res["tokens"] / res["seconds"], 1)
+    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    res["variant"] = variant
+    return res
+
+
+def run_variant(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "train.bench", "--worker", variant, "--spec", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG) :])
+    raise RuntimeError(f"bench variant {variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def bench(spec: dict[str, Any], variants: list[str], rounds: int = 1, log=print) -> dict[str, Any]:
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants:
+            res = run_variant(v, spec)
+            log(
+                f"round {r + 1}/{rounds} {v:17} {res['tokens_per_s']:8.1f} tok/s  {res['peak_rss_mb']:7.0f} MB  "
+                f"{res['seconds']:6.1f} s  loss {res['final_loss']:.4f}"
+            )
+            runs[v].append(res)
+    summary = {v: _summarise(rs) for v, rs in runs.items()}
+    if "baseline" in summary:
+        for s in summary.values():
+            s["ratio_vs_baseline"] = round(s["tokens_per_s"] / summary["baseline"]["tokens_per_s"], 2)
+    return {"spec": spec, "rounds": rounds, "summary": summary, "runs": runs}
+
+
+def _summarise(rs: list[dict]) -> dict[str, Any]:
+    return {
+        "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rs), 1),
+        "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
+        "seconds": round(statistics.median(r["seconds"] for r in rs), 1),
+    }
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    lines = [f"{'variant':18} {'tokens/s':>9} {'x baseline':>10} {'peak RSS MB':>12} {'step s':>8}"]
+    for v, s in result["summary"].items():
+        ratio = f"{s['ratio_vs_baseline']:.2f}" if "ratio_vs_baseline" in s else "-"
+        lines.append(f"{v:18} {s['tokens_per_s']:>9.1f} {ratio:>10} {s['peak_rss_mb']:>12.0f} {s['seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="base model id or folder")
+    p.add_argument("--task", default="contract", help="built-in task whose train split is the data")
+    p.add_argument("--n", type=int, default=96, help="training examples")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per variant")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=2, help="repeat all variants, alternating; medians are reported")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--out", default=None, help="JSON result file (default runs/bench-train-<time>.json)")
+
+
+def main_args(args: argparse.Namespace) -> int:
+    from lorafleet.paths import runs_dir
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
+    spec = {
+        "model": args.model,
+        "task": args.task,
+        "n": args.n,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_len": args.max_len,
+        "seed": args.seed,
+    }
+    result = bench(spec, variants, args.rounds)
+    print(format_summary(result))
+    out = Path(args.out) if args.out else runs_dir() / f"bench-train-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m train.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(p)
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(RESULT_TAG + json.dumps(worker(args.worker, json.loads(args.spec))), flush=True)
+        return 0
+    return main_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
