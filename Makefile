@@ -31,7 +31,7 @@ test-fast: install models lint
 	$(PY) -m pytest -ra -m "not vllm" $(PYTEST_ARGS)
 
 demo: install models
-	$(LORAFLEET) demo $(if $(QUICK),--quick,)
+	$(LORAFLEET) demo $(if $(QUICK),--quick,) $(DEMO_ARGS)
 
 clean:
 	rm -rf runs/ .pytest_cache .ruff_cache

@@ -45,6 +45,8 @@ class DemoPlan:
     curve_task: str = "contract"
     curve_sizes: list[int] = field(default_factory=lambda: [50, 100, 250, 500])
     gateway_port: int = 8080
+    small: str = SMALL  # model id or local HF folder that gets the adapters
+    generalist: str = GENERALIST  # model id or local HF folder prompted few-shot
 
     @classmethod
     def make(cls, quick: bool) -> DemoPlan:
@@ -87,6 +89,7 @@ def train_adapter(task: str, plan: DemoPlan, log: Path) -> dict:
 
     out = adapters_dir() / task
     overrides = {"task": task, "n": plan.n_train, "epochs": plan.epochs, "output_dir": str(out), "name": task}
+    overrides["base_model"] = plan.small
     cfg = load_config(Path(__file__).parents[1] / "train" / "configs" / f"{task}.yaml", overrides)
     key = _digest(cfg.to_dict())
     stamp = out / "demo_key.txt"
@@ -99,16 +102,36 @@ def train_adapter(task: str, plan: DemoPlan, log: Path) -> dict:
     return json.loads((out / "lorafleet_train.json").read_text())
 
 
+def served_name(model: str) -> str:
+    """What clients send as `model`: the lorafleet id, or the folder name of a local HF model."""
+    from train.models import SPECS
+
+    return model if model in SPECS else Path(model).name
+
+
+def on_gpu() -> bool:
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def serve_config(plan: DemoPlan) -> dict:
-    """The embedded default deployment, plus the hot tenant's adapter served merged on its own engine."""
+    """The embedded default deployment with the plan's models, plus the hot tenant's adapter served merged."""
     cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / "default.yaml").read_text())
     cfg["gateway"]["port"] = plan.gateway_port
-    for eng in cfg["engines"]:
-        eng["price_usd_per_hour"] = plan.usd_per_hour
-    merged = {"name": f"{MERGED_TASK}-merged", "path": MERGED_TASK, "base": SMALL, "mode": "merged", "port": 8003}
-    cfg["adapters"] = [a | {"optional": False} for a in cfg["adapters"]] + [merged]
-    acme = next(t for t in cfg["tenants"] if t["name"] == "acme")
-    acme["models"].append(merged["name"])
+    small, general = served_name(plan.small), served_name(plan.generalist)
+    renames = {SMALL: small, GENERALIST: general}
+    for eng, model in zip(cfg["engines"], (plan.small, plan.generalist), strict=True):
+        eng |= {"model": model, "served_name": served_name(model), "price_usd_per_hour": plan.usd_per_hour}
+        if on_gpu():  # three engines share one GPU; vLLM would otherwise claim 90 % of it each
+            eng["extra_args"] = ["--gpu-memory-utilization", "0.28"]
+    merged = {"name": f"{MERGED_TASK}-merged", "path": MERGED_TASK, "base": small, "mode": "merged", "port": 8003}
+    cfg["adapters"] = [a | {"optional": False, "base": small} for a in cfg["adapters"]] + [merged]
+    for t in cfg["tenants"]:
+        t["models"] = [renames.get(m, m) for m in t["models"]]
+    next(t for t in cfg["tenants"] if t["name"] == "acme")["models"].append(merged["name"])
+    cfg["prices"] = {renames.get(m, m): p for m, p in cfg["prices"].items()}
     return cfg
 
 
@@ -169,16 +192,16 @@ def bench_config(plan: DemoPlan, gateway: str, out_dir: Path) -> dict:
             "specialists-lora", "manifest", adapters={"manifest": 0.5, "contract": 0.3, "drugs": 0.2}, model_keys=keys
         ),  # fmt: skip
         target("manifest-merged", f"{MERGED_TASK}-merged"),
-        target("smollm2-base", SMALL),
-        target("gemma-generalist", GENERALIST, api="completions"),
+        target("small-base", served_name(plan.small)),
+        target("generalist", served_name(plan.generalist), api="completions"),
     ]
     evals = []
     for task in keys:
         evals += [
             {"target": "specialists-lora", "model": task, "task": task, "mode": "zero_shot"},
-            {"target": "smollm2-base", "task": task, "mode": "zero_shot"},
-            {"target": "smollm2-base", "task": task, "mode": "few_shot_chat", "k": 3},
-            {"target": "gemma-generalist", "task": task, "mode": "few_shot_completion", "k": 3},
+            {"target": "small-base", "task": task, "mode": "zero_shot"},
+            {"target": "small-base", "task": task, "mode": "few_shot_chat", "k": 3},
+            {"target": "generalist", "task": task, "mode": "few_shot_completion", "k": 3},
         ]
     evals.append({"target": "manifest-merged", "task": MERGED_TASK, "mode": "zero_shot"})
     return {
@@ -215,22 +238,23 @@ def run_bench(cfg: dict, run_dir: Path, log: Path) -> dict:
     return json.loads((Path(cfg["output_dir"]) / "results.json").read_text())
 
 
-def learning_curve(plan: DemoPlan, run_dir: Path, log: Path) -> list[dict]:
+def learning_curve(plan: DemoPlan, run_dir: Path, log: Path) -> dict:
     """Held-out accuracy of adapters trained on more and more examples (offline, transformers)."""
     if not plan.curve_sizes:
-        return []
+        print("    skipped (quick mode)")
+        return {}
     from train.evaluate import learning_curve as curve
 
     cache = adapters_dir() / f".curve-{plan.curve_task}"
-    key = _digest([plan.curve_task, plan.curve_sizes, plan.epochs, plan.n_eval])
+    key = _digest([plan.curve_task, plan.curve_sizes, plan.epochs, plan.n_eval, plan.small])
     done = cache / f"{key}.json"
     if done.is_file():
         print(f"    learning curve unchanged, reusing {done}")
         return json.loads(done.read_text())
-    points = curve(task=plan.curve_task, sizes=plan.curve_sizes, n_eval=plan.n_eval, out_dir=run_dir / "curve")
-    cache.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(points, indent=2))
-    return points
+    overrides = {"epochs": plan.epochs, "base_model": plan.small, "progress": False}
+    result = curve(plan.curve_task, plan.curve_sizes, overrides, eval_n=plan.n_eval, out_dir=cache / key)
+    done.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def demo(plan: DemoPlan) -> Path:
@@ -242,8 +266,8 @@ def demo(plan: DemoPlan) -> Path:
     with steps.step("models") as log:
         from train.models import ensure
 
-        for model_id in (SMALL, GENERALIST):
-            print(f"    {model_id}: {ensure(model_id)}")
+        for model in (plan.small, plan.generalist):
+            print(f"    {model}: {ensure(model)}")
     training = {}
     with steps.step("train adapters") as log:
         for tenant, (task, _) in TENANTS.items():
@@ -254,7 +278,7 @@ def demo(plan: DemoPlan) -> Path:
     config_path = run_dir / "serve.yaml"
     config_path.write_text(yaml.safe_dump(serve_config(plan), sort_keys=False))
     with steps.step("serve") as log, running_gateway(config_path, log, plan) as gateway:
-        print(f"    gateway up at {gateway} (engines: {SMALL} + adapters, {MERGED_TASK}-merged, {GENERALIST})")
+        print(f"    gateway up at {gateway}: {plan.small} + adapters, {MERGED_TASK}-merged, {plan.generalist}")
         steps.n += 1
         print(f"\n[{steps.n}/{steps.total}] quality and load through the gateway", flush=True)
         t0 = time.time()
@@ -271,12 +295,18 @@ def demo(plan: DemoPlan) -> Path:
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller data and shorter load steps (about 8 minutes)")
     p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    p.add_argument("--models", default=f"{SMALL},{GENERALIST}", metavar="SMALL,GENERALIST",
+                   help="model ids or local HF folders: the one that gets adapters, and the generalist")  # fmt: skip
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     plan = DemoPlan.make(args.quick)
     plan.gateway_port = args.port
+    try:
+        plan.small, plan.generalist = (m.strip() for m in args.models.split(","))
+    except ValueError as e:
+        raise CliError(f"--models: expected SMALL,GENERALIST (two model ids or folders), got {args.models!r}") from e
     os.environ.setdefault("LORAFLEET_HOME", str(home()))
     t0 = time.time()
     run_dir = demo(plan)

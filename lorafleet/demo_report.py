@@ -16,7 +16,7 @@ from lorafleet.blocks import to_html, to_markdown
 ACCURACY_GAIN = 0.15  # fine-tuned small vs generalist few-shot, in accuracy points
 COST_RATIO = 0.6  # fine-tuned small $/1M output tokens at most this share of the generalist's
 PARAM_SHARE = 0.02  # LoRA trains under 1-2 % of the parameters
-GENERALIST_TARGET, BASE_TARGET, LORA_TARGET = "gemma-generalist", "smollm2-base", "specialists-lora"
+GENERALIST_TARGET, BASE_TARGET, LORA_TARGET = "generalist", "small-base", "specialists-lora"
 
 
 def _pct(v: float | None) -> str:
@@ -103,7 +103,7 @@ def claims(acc: list[dict], results: dict, training: dict[str, dict]) -> list[st
             f"Cost ({what}): {_usd(mine)} vs {_usd(gen)} per 1M output tokens for the generalist = {ratio:.2f}x; "
             f"the target of at most {COST_RATIO}x {verdict}."
         )
-    shares = [t.get("trainable_share") or (t.get("params") or {}).get("trainable_share") for t in training.values()]
+    shares = [(t.get("params") or {}).get("share") for t in training.values()]
     shares = [s for s in shares if s is not None]
     if shares:
         verdict = "HOLDS" if max(shares) < PARAM_SHARE else "DOES NOT HOLD"
@@ -161,19 +161,12 @@ def _training_table(training: dict[str, dict]) -> tuple[list[str], list[list[str
     headers = ["adapter", "examples", "trainable params", "share", "train time", "tokens/s", "final eval loss"]
     rows = []
     for task, t in training.items():
-        params, metrics = t.get("params") or {}, t.get("metrics") or {}
-        share = t.get("trainable_share") or params.get("trainable_share")
+        params, m = t.get("params") or {}, t.get("metrics") or {}
+        loss = m.get("final_eval_loss")
         rows.append(
-            [
-                task,
-                str((t.get("config") or {}).get("n", "-")),
-                f"{params.get('trainable', '-'):,}" if isinstance(params.get("trainable"), int) else "-",
-                _pct(share) if share is None else f"{100 * share:.2f} %",
-                _s(metrics.get("wall_seconds")),
-                f"{metrics.get('tokens_per_s', 0):.0f}",
-                f"{metrics.get('final_eval_loss', float('nan')):.3f}",
-            ]  # fmt: skip
-        )
+            [task, str(t["config"]["n"]), f"{params.get('trainable', 0):,}", f"{100 * params.get('share', 0):.2f} %",
+             _s(m.get("train_seconds")), f"{m.get('tokens_per_s') or 0:.0f}", "-" if loss is None else f"{loss:.4f}"]
+        )  # fmt: skip
     return headers, rows
 
 
@@ -213,23 +206,25 @@ def write_demo_report(run_dir: Path, plan, training: dict, curve: Any, results: 
         if (bench_dir / file).is_file():
             shutil.copy(bench_dir / file, run_dir / file)
             plots.append((file, title))
-    curve_png = (curve or {}).get("plot") if isinstance(curve, dict) else None
-    if curve_png and Path(curve_png).is_file():
+    curve_png = Path(curve["dir"]) / "curve.png" if curve.get("dir") else None
+    if curve_png and curve_png.is_file():
         shutil.copy(curve_png, run_dir / "learning_curve.png")
         plots.append(("learning_curve.png", "Learning curve (held-out accuracy vs training examples)"))
 
     blocks: list[tuple] = [("h1", "lorafleet demo: fine-tuned small specialists vs a 2x larger generalist")]
-    blocks.append(("p", f"Hardware price used for every self-hosted target: ${plan.usd_per_hour}/hour (the whole "
-                        "machine; one target measured at a time). Quick mode." if plan.quick else
-                   f"Hardware price used for every self-hosted target: ${plan.usd_per_hour}/hour (the whole "
-                   "machine; one target measured at a time)."))  # fmt: skip
+    price = f"Hardware price for every self-hosted target: ${plan.usd_per_hour}/hour (the whole machine; targets are "
+    price += "measured one at a time)." + (" Quick mode: smaller data, shorter load steps." if plan.quick else "")
+    blocks.append(("p", price))
     blocks += [("h2", "Claims"), *(("p", "- " + c) for c in claims(acc, results, training))]
     blocks += [("h2", "Accuracy (held-out split, through the gateway)"), ("table", *_accuracy_table(acc))]
     blocks += [("h2", "Latency and cost at the SLO (goodput)"), ("table", *_cost_table(results, plan.usd_per_hour))]
     blocks += [("h2", "Training"), ("table", *_training_table(training))]
-    if isinstance(curve, dict) and curve.get("points"):
-        rows = [[str(p.get("size")), _pct(p.get("accuracy"))] for p in curve["points"]]
-        blocks += [("h2", f"Learning curve ({curve.get('task')})"), ("table", ["examples", "accuracy"], rows)]
+    if curve.get("points"):
+        rows = [[str(p["train_examples"]), _pct(p["accuracy"]), _s(p["train_seconds"])] for p in curve["points"]]
+        blocks += [
+            ("h2", f"Learning curve ({curve.get('task')})"),
+            ("table", ["examples", "accuracy", "train time"], rows),
+        ]
     blocks += [("h2", "Step timings"), ("table", ["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])]
     blocks += [("h2", title) if i == 0 else ("img", file, title) for file, title in plots for i in range(2)]
     blocks.append(("p", f"Raw per-request timings: {bench_dir / 'results.json'}; harness report: "

@@ -1,0 +1,100 @@
+"""The demo's wiring: the configs it generates are valid for serve and bench, and the report's verdicts are right."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtest.config import parse_config as parse_bench
+from lorafleet.cli import main
+from lorafleet.demo import TENANTS, DemoPlan, bench_config, serve_config
+from lorafleet.demo_report import accuracy_rows, claims, write_demo_report
+from serve.config import parse_config as parse_serve
+
+
+def test_generated_serve_config_is_valid_and_adds_the_merged_adapter():
+    cfg = parse_serve(serve_config(DemoPlan()))
+    modes = {a.name: a.mode for a in cfg.adapters}
+    assert modes == {"manifest": "lora", "contract": "lora", "drugs": "lora", "manifest-merged": "merged"}
+    acme = next(t for t in cfg.tenants if t.name == "acme")
+    assert "manifest-merged" in acme.models and "contract" not in acme.models
+
+
+def test_models_option_renames_everything_consistently(tmp_path):
+    small, big = tmp_path / "llama-8b", tmp_path / "llama-70b"
+    plan = DemoPlan(small=str(small), generalist=str(big))
+    cfg = parse_serve(serve_config(plan))
+    assert [e.public_name for e in cfg.engines] == ["llama-8b", "llama-70b"]
+    assert {a.base for a in cfg.adapters} == {"llama-8b"}
+    bench = parse_bench(bench_config(plan, "http://127.0.0.1:8080", tmp_path / "out"))
+    assert {t.name: t.model for t in bench.targets}["generalist"] == "llama-70b"
+
+
+def test_generated_bench_config_scores_every_tenant_against_every_baseline(tmp_path):
+    cfg = parse_bench(bench_config(DemoPlan(), "http://127.0.0.1:8080", tmp_path / "out"))
+    pairs = {(e.target, e.task, e.mode) for e in cfg.quality.evals}
+    for task, _ in TENANTS.values():
+        for target, mode in [("specialists-lora", "zero_shot"), ("small-base", "zero_shot"),
+                             ("small-base", "few_shot_chat"), ("generalist", "few_shot_completion")]:  # fmt: skip
+            assert (target, task, mode) in pairs
+    assert cfg.load.force_output_len and cfg.slo.is_set()
+
+
+def _results(lora_acc: float, gen_acc: float, lora_cost: float, gen_cost: float) -> dict:
+    quality = []
+    for task, _ in TENANTS.values():
+        quality += [
+            {"target": "specialists-lora", "model": task, "task": task, "mode": "zero_shot", "accuracy": lora_acc},
+            {"target": "generalist", "model": "g", "task": task, "mode": "few_shot_completion", "accuracy": gen_acc},
+        ]
+    step = {"index": 0, "output_tok_per_s": 100.0, "ttft": {"p50": 0.5, "p90": 1.0}, "e2e": {"p50": 2.0}}
+
+    def target(cost):
+        return {"steps": [step], "cost": {"usd_per_1m_output": cost, "operating_step": 0, "slo_met": True}}
+
+    return {
+        "config": {},
+        "quality": quality,
+        "targets": {
+            "specialists-lora": target(lora_cost),
+            "manifest-merged": target(lora_cost / 2),
+            "generalist": target(gen_cost),
+        },  # fmt: skip
+    }
+
+
+@pytest.mark.parametrize(
+    "lora_acc, gen_acc, lora_cost, accuracy_verdict, cost_verdict",
+    [(0.9, 0.5, 0.5, "HOLDS", "HOLDS"), (0.6, 0.5, 0.7, "DOES NOT HOLD", "DOES NOT HOLD")],
+)
+def test_claims_say_plainly_whether_each_holds(lora_acc, gen_acc, lora_cost, accuracy_verdict, cost_verdict):
+    results = _results(lora_acc, gen_acc, lora_cost, gen_cost=1.0)
+    training = {t: {"params": {"trainable": 2_442_240, "share": 0.0178}} for t, _ in TENANTS.values()}
+    lines = claims(accuracy_rows(results, {n: t for n, (t, _) in TENANTS.items()}), results, training)
+    acc_lines = [line for line in lines if line.startswith("Accuracy")]
+    assert len(acc_lines) == 3 and all(accuracy_verdict in line for line in acc_lines)
+    lora_line = next(line for line in lines if line.startswith("Cost (LoRA"))
+    assert f"{lora_cost:.2f}x" in lora_line and lora_line.endswith(f"{cost_verdict}.")
+    assert any("1.78 %" in line and "HOLDS" in line for line in lines)
+
+
+def test_report_files_written(tmp_path):
+    results = _results(0.9, 0.5, 0.5, 1.0)
+    training = {t: {"config": {"n": 600}, "params": {"trainable": 1, "share": 0.01}, "metrics": {}}
+                for t, _ in TENANTS.values()}  # fmt: skip
+    summary = write_demo_report(tmp_path, DemoPlan(), training, {}, results, {"train adapters": 12.0})
+    assert "HOLDS" in summary
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "## Claims" in md and "+40 pts" in md
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+
+
+def test_models_option_needs_two_models(capsys):
+    assert main(["demo", "--models", "only-one"]) == 2
+    assert "SMALL,GENERALIST" in capsys.readouterr().err
+
+
+def test_demo_registered_in_cli_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "demo" in capsys.readouterr().out
