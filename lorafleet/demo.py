@@ -36,14 +36,15 @@ MERGED_TASK = "manifest"  # the "hot" tenant whose adapter is also served merged
 @dataclass
 class DemoPlan:
     quick: bool = False
-    n_train: int = 600
+    n_train: int = 500  # the article's rule of thumb: ~500 examples
     n_eval: int = 60  # held-out items per eval through the API
-    epochs: float = 2.0
+    epochs: float = 1.0
     usd_per_hour: float = 0.10  # what the 2-vCPU box costs; stated in the report
     load_sweep: list[int] = field(default_factory=lambda: [4, 16])
     load_seconds: float = 20.0
     curve_task: str = "contract"
-    curve_sizes: list[int] = field(default_factory=lambda: [50, 100, 250, 500])
+    # smaller training sets of one task; each adapter is scored through the gateway beside the full one
+    curve_sizes: list[int] = field(default_factory=lambda: [50, 100, 250])
     gateway_port: int = 8080
     small: str = SMALL  # model id or local HF folder that gets the adapters
     generalist: str = GENERALIST  # model id or local HF folder prompted few-shot
@@ -52,7 +53,7 @@ class DemoPlan:
     def make(cls, quick: bool) -> DemoPlan:
         if not quick:
             return cls()
-        return cls(quick=True, n_train=200, n_eval=25, epochs=2.0, load_sweep=[8], load_seconds=12.0,
+        return cls(quick=True, n_train=120, n_eval=25, epochs=2.0, load_sweep=[8], load_seconds=12.0,
                    curve_sizes=[])  # fmt: skip
 
 
@@ -82,19 +83,20 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def train_adapter(task: str, plan: DemoPlan, log: Path) -> dict:
-    """Train (or reuse) the tenant's adapter; returns its lorafleet_train.json summary."""
+def train_adapter(task: str, plan: DemoPlan, log: Path, n: int | None = None, name: str | None = None) -> dict:
+    """Train (or reuse) an adapter of `task` on n examples; returns its lorafleet_train.json summary."""
     from train.config import load_config
     from train.trainer import train
 
-    out = adapters_dir() / task
-    overrides = {"task": task, "n": plan.n_train, "epochs": plan.epochs, "output_dir": str(out), "name": task}
+    name = name or task
+    out = adapters_dir() / name
+    overrides = {"task": task, "n": n or plan.n_train, "epochs": plan.epochs, "output_dir": str(out), "name": name}
     overrides["base_model"] = plan.small
     cfg = load_config(Path(__file__).parents[1] / "train" / "configs" / f"{task}.yaml", overrides)
     key = _digest(cfg.to_dict())
     stamp = out / "demo_key.txt"
     if stamp.is_file() and stamp.read_text().strip() == key and (out / "lorafleet_train.json").is_file():
-        print(f"    {task}: adapter unchanged since the last run, reusing {out}")
+        print(f"    {name}: adapter unchanged since the last run, reusing {out}")
     else:
         with open(log, "a") as f:
             train(cfg, log=lambda m: (print(m), f.write(m + "\n")))
@@ -127,10 +129,12 @@ def serve_config(plan: DemoPlan) -> dict:
         if on_gpu():  # three engines share one GPU; vLLM would otherwise claim 90 % of it each
             eng["extra_args"] = ["--gpu-memory-utilization", "0.28"]
     merged = {"name": f"{MERGED_TASK}-merged", "path": MERGED_TASK, "base": small, "mode": "merged", "port": 8003}
-    cfg["adapters"] = [a | {"optional": False, "base": small} for a in cfg["adapters"]] + [merged]
+    curve = [{"name": curve_name(plan, n), "path": curve_name(plan, n), "base": small} for n in plan.curve_sizes]
+    cfg["adapters"] = [a | {"optional": False, "base": small} for a in cfg["adapters"]] + [merged] + curve
     for t in cfg["tenants"]:
         t["models"] = [renames.get(m, m) for m in t["models"]]
     next(t for t in cfg["tenants"] if t["name"] == "acme")["models"].append(merged["name"])
+    next(t for t in cfg["tenants"] if t["name"] == "globex")["models"].extend(a["name"] for a in curve)
     cfg["prices"] = {renames.get(m, m): p for m, p in cfg["prices"].items()}
     return cfg
 
@@ -226,9 +230,19 @@ def bench_config(plan: DemoPlan, gateway: str, out_dir: Path) -> dict:
     }
 
 
+def curve_bench_config(plan: DemoPlan, gateway: str, out_dir: Path) -> dict:
+    """Quality only: the curve task's adapters trained on fewer examples, on the same eval split."""
+    models = [curve_name(plan, n) for n in plan.curve_sizes]
+    target = {"name": "curve", "base_url": f"{gateway}/v1", "model": models[0], "api_key": TENANTS["globex"][1],
+              "price": {"usd_per_hour": plan.usd_per_hour}}  # fmt: skip
+    evals = [{"target": "curve", "model": m, "task": plan.curve_task, "mode": "zero_shot"} for m in models]
+    quality = {"n": plan.n_eval, "max_tokens": 64, "concurrency": 8, "evals": evals}
+    return {"targets": [target], "quality": quality, "output_dir": str(out_dir)}
+
+
 def run_bench(cfg: dict, run_dir: Path, log: Path) -> dict:
     """`lorafleet bench run` in a child process (its own progress bars), then read its results.json."""
-    path = run_dir / "bench.yaml"
+    path = Path(cfg["output_dir"]).with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     with open(log, "ab") as f:
         # Progress bars go to the terminal (stderr); the log keeps stdout, the summary table included.
@@ -238,23 +252,15 @@ def run_bench(cfg: dict, run_dir: Path, log: Path) -> dict:
     return json.loads((Path(cfg["output_dir"]) / "results.json").read_text())
 
 
-def learning_curve(plan: DemoPlan, run_dir: Path, log: Path) -> dict:
-    """Held-out accuracy of adapters trained on more and more examples (offline, transformers)."""
+def curve_name(plan: DemoPlan, size: int) -> str:
+    return f"{plan.curve_task}-n{size}"
+
+
+def train_curve(plan: DemoPlan, log: Path) -> dict[int, dict]:
+    """Adapters of the curve task on fewer examples; the gateway scores them like the tenants' adapters."""
     if not plan.curve_sizes:
         print("    skipped (quick mode)")
-        return {}
-    from train.evaluate import learning_curve as curve
-
-    cache = adapters_dir() / f".curve-{plan.curve_task}"
-    key = _digest([plan.curve_task, plan.curve_sizes, plan.epochs, plan.n_eval, plan.small])
-    done = cache / f"{key}.json"
-    if done.is_file():
-        print(f"    learning curve unchanged, reusing {done}")
-        return json.loads(done.read_text())
-    overrides = {"epochs": plan.epochs, "base_model": plan.small, "progress": False}
-    result = curve(plan.curve_task, plan.curve_sizes, overrides, eval_n=plan.n_eval, out_dir=cache / key)
-    done.write_text(json.dumps(result, indent=2))
-    return result
+    return {n: train_adapter(plan.curve_task, plan, log, n=n, name=curve_name(plan, n)) for n in plan.curve_sizes}
 
 
 def demo(plan: DemoPlan) -> Path:
@@ -273,8 +279,8 @@ def demo(plan: DemoPlan) -> Path:
         for tenant, (task, _) in TENANTS.items():
             print(f"    tenant {tenant}: task {task}, {plan.n_train} examples, {plan.epochs:g} epochs")
             training[task] = train_adapter(task, plan, log)
-    with steps.step("learning curve") as log:
-        curve = learning_curve(plan, run_dir, log)
+    with steps.step(f"learning curve ({plan.curve_task})") as log:
+        curve = train_curve(plan, log)
     config_path = run_dir / "serve.yaml"
     config_path.write_text(yaml.safe_dump(serve_config(plan), sort_keys=False))
     with steps.step("serve") as log, running_gateway(config_path, log, plan) as gateway:
@@ -283,6 +289,9 @@ def demo(plan: DemoPlan) -> Path:
         print(f"\n[{steps.n}/{steps.total}] quality and load through the gateway", flush=True)
         t0 = time.time()
         results = run_bench(bench_config(plan, gateway, run_dir / "bench"), run_dir, run_dir / "logs" / "bench.log")
+        if plan.curve_sizes:
+            cfg = curve_bench_config(plan, gateway, run_dir / "bench-curve")
+            results["curve_quality"] = run_bench(cfg, run_dir, run_dir / "logs" / "bench-curve.log")["quality"]
         steps.timings["bench"] = round(time.time() - t0, 1)
     with steps.step("report") as log:
         from lorafleet.demo_report import write_demo_report

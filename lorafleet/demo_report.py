@@ -170,12 +170,47 @@ def _training_table(training: dict[str, dict]) -> tuple[list[str], list[list[str
     return headers, rows
 
 
-def plot_accuracy(acc: list[dict], path: Path) -> None:
+def curve_points(results: dict, training: dict, curve: dict) -> list[tuple[int, float, float | None]]:
+    """(examples, accuracy, train seconds): the base (0), the smaller adapters, and the tenant's full adapter."""
+    task = next((t["config"]["task"] for t in curve.values()), None)
+    if task is None:
+        return []
+    points = [(0, _acc(_eval(results, BASE_TARGET, task, "zero_shot")), 0.0)]
+    by_model = {q["model"]: q for q in results.get("curve_quality", [])}
+    for n, t in sorted(curve.items()):
+        q = by_model.get(t["config"]["name"])
+        points.append((n, _acc(q), (t.get("metrics") or {}).get("train_seconds")))
+    full = training.get(task)
+    if full:
+        points.append((full["config"]["n"], _acc(_eval(results, LORA_TARGET, task, "zero_shot")),
+                       (full.get("metrics") or {}).get("train_seconds")))  # fmt: skip
+    return [p for p in points if p[1] is not None]
+
+
+def plot_curve(points: list[tuple], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o")
+    ax.set_xlabel("training examples")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_accuracy(acc: list[dict], path: Path) -> None:
+    plt = _plt()
     series = [("fine-tuned small", "lora"), ("small zero-shot", "small_zero"), ("small 3-shot", "small_few"),
               ("generalist 3-shot", "generalist_few")]  # fmt: skip
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -193,7 +228,7 @@ def plot_accuracy(acc: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_demo_report(run_dir: Path, plan, training: dict, curve: Any, results: dict, timings: dict) -> str:
+def write_demo_report(run_dir: Path, plan, training: dict, curve: dict, results: dict, timings: dict) -> str:
     from lorafleet.demo import TENANTS
 
     tasks = {tenant: task for tenant, (task, _) in TENANTS.items()}
@@ -206,10 +241,10 @@ def write_demo_report(run_dir: Path, plan, training: dict, curve: Any, results: 
         if (bench_dir / file).is_file():
             shutil.copy(bench_dir / file, run_dir / file)
             plots.append((file, title))
-    curve_png = Path(curve["dir"]) / "curve.png" if curve.get("dir") else None
-    if curve_png and curve_png.is_file():
-        shutil.copy(curve_png, run_dir / "learning_curve.png")
-        plots.append(("learning_curve.png", "Learning curve (held-out accuracy vs training examples)"))
+    points = curve_points(results, training, curve)
+    if len(points) > 1:
+        plot_curve(points, run_dir / "learning_curve.png")
+        plots.append(("learning_curve.png", "Learning curve: held-out accuracy vs training examples"))
 
     blocks: list[tuple] = [("h1", "lorafleet demo: fine-tuned small specialists vs a 2x larger generalist")]
     price = f"Hardware price for every self-hosted target: ${plan.usd_per_hour}/hour (the whole machine; targets are "

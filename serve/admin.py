@@ -63,7 +63,10 @@ async def register_adapter(gw: Gateway, req: RegisterAdapter) -> dict:
     except AdapterPathError as e:
         raise bad_request(str(e), param="path") from None
     # Reading the weights' headers touches the disk: keep it off the event loop.
-    problems = await asyncio.to_thread(check_adapter, folder, engine)
+    try:
+        problems = await asyncio.to_thread(check_adapter, folder, engine)
+    except Exception as e:  # a file crafted to break the checker (JSON nested 100k deep, ...) is still a 400
+        problems = [f"its files cannot be read ({type(e).__name__})"]
     if problems:
         raise bad_request(
             "vLLM would refuse this adapter: " + "; ".join(problems), param="path", code="invalid_adapter"

@@ -14,6 +14,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -22,7 +23,7 @@ from serve.config import ServeConfig
 from serve.deploy import adapters_root, configured_adapters
 from serve.limits import Limiter
 from serve.metrics import Metrics
-from serve.protocol import ApiError, error_body
+from serve.protocol import ApiError, error_body, openapi_components
 from serve.proxy import Proxy
 from serve.registry import Registry
 from serve.supervisor import Supervisor
@@ -125,11 +126,21 @@ def create_app(
         finally:
             await gateway.stop()
 
-    app = FastAPI(title="lorafleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="lorafleet gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = gateway
     app.include_router(routes.router)
     _install_error_handlers(app)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """GET /openapi.json, with the request bodies the routes read themselves (FastAPI cannot see them)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def uvicorn_config(app: FastAPI, host: str, port: int) -> uvicorn.Config:

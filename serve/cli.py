@@ -4,6 +4,7 @@ lorafleet serve [CONFIG] [--host H] [--port P] [--no-engines] [--engines smollm2
 lorafleet serve check [CONFIG]
 lorafleet serve hash-key KEY
 lorafleet serve bench [--help]
+lorafleet serve soak [--seconds 600] [--help]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     _run_options(p)
-    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG | check | hash-key | bench] ...")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG | check | hash-key | bench | soak] ...")
     p.set_defaults(func=main)
 
 
@@ -49,6 +50,10 @@ def main(args: argparse.Namespace) -> int:
         from serve import bench
 
         return bench.main(rest[1:])
+    if action == "soak":
+        from serve import soak
+
+        return soak.main(rest[1:])
     if action == "run":
         rest = rest[1:]
     more = _run_parser().parse_args(rest)

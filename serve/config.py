@@ -45,6 +45,7 @@ class GatewayConfig(_Strict):
     admin_key_hash: str | None = Field(None, description="sha256:<hex> of the admin key; none = admin API off")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
     max_tokens_cap: int = Field(2048, gt=0, description="requests asking for more max_tokens get 400")
+    max_n: int = Field(8, gt=0, description="requests asking for more choices (n) get 400")
     request_timeout_s: float = Field(300.0, gt=0, description="longest wait for an engine's next bytes")
     connect_timeout_s: float = Field(2.0, gt=0, description="engine connect timeout; past it the replica is down")
     health_interval_s: float = Field(2.0, gt=0, description="how often each engine's /health is polled")

@@ -34,14 +34,19 @@ def log_dir(cfg: ServeConfig) -> Path:
 def adapter_dir(root: Path, path: str | Path) -> Path:
     """The resolved adapter folder for `path` (relative to `root`, or absolute inside it)."""
     root = root.resolve()
-    resolved = (root / path).resolve()  # an absolute `path` replaces root; resolve() follows every symlink
-    if not resolved.is_relative_to(root):
-        raise AdapterPathError(f"{path}: adapter folders must be inside the adapters root {root}")
-    if not resolved.is_dir():
-        raise AdapterPathError(f"{path}: no such adapter folder under {root}")
-    for f in resolved.rglob("*"):
-        if not f.resolve().is_relative_to(root):
-            raise AdapterPathError(f"{path}: {f.name} links outside the adapters root")
+    try:
+        resolved = (root / path).resolve()  # an absolute `path` replaces root; resolve() follows every symlink
+        if resolved == root or not resolved.is_relative_to(root):
+            raise AdapterPathError(f"{path}: adapter folders must be inside the adapters root {root}")
+        if not resolved.is_dir():
+            raise AdapterPathError(f"{path}: no such adapter folder under {root}")
+        for f in resolved.rglob("*"):
+            if not f.resolve().is_relative_to(root):
+                raise AdapterPathError(f"{path}: {f.name} links outside the adapters root")
+    except AdapterPathError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, a symlink loop
+        raise AdapterPathError(f"{str(path)[:200]!r}: not a usable adapter path ({type(e).__name__})") from None
     return resolved
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 
 from serve.config import Name
 
@@ -98,11 +99,11 @@ def _int_field(data: dict, name: str, cap: int) -> int | None:
     return value
 
 
-def parse_request(raw: bytes, kind: Kind, max_tokens_cap: int) -> ProxyRequest:
+def parse_request(raw: bytes, kind: Kind, max_tokens_cap: int, max_n: int | None = None) -> ProxyRequest:
     """Check a /v1/chat/completions or /v1/completions body; raise ApiError(400) naming the bad field."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, or an int of > 4300 digits
         raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request(f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
@@ -122,6 +123,8 @@ def parse_request(raw: bytes, kind: Kind, max_tokens_cap: int) -> ProxyRequest:
         raise bad_request(f"stream must be true or false, got {json.dumps(stream)}", param="stream")
     max_tokens = _int_field(data, "max_tokens", max_tokens_cap)
     max_tokens = _int_field(data, "max_completion_tokens", max_tokens_cap) or max_tokens
+    if max_n is not None:  # n choices cost n times the engine: unbounded, one request could starve every tenant
+        _int_field(data, "n", max_n)
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options must be an object", param="stream_options")
@@ -146,3 +149,63 @@ class RegisterAdapter(BaseModel):
     path: str = Field(description="adapter folder, relative to the adapters root (or absolute inside it)")
     base: str = Field(description="served name of the base model")
     tenants: list[str] = Field([], description="tenants that may use it (besides those allowed '*')")
+
+
+# -- request bodies as the OpenAPI schema documents them (GET /openapi.json)
+#
+# parse_request above checks only what the gateway acts on and the engine validates the rest, so these models
+# are documentation: they give clients (and schemathesis) the shape of a request, and are not run per request.
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = Field(None, description="text, or a list of content parts")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = Field(False, description="end the stream with a usage chunk (choices == [])")
+
+
+class _Generation(BaseModel):
+    # Other sampling fields are the engine's to check: vLLM's own 4xx passes through unchanged.
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, description="a base model, an adapter or a merged adapter the key may use")
+    max_tokens: int | None = Field(None, ge=1, description="at most gateway.max_tokens_cap (else 400)")
+    n: int | None = Field(None, ge=1, description="choices to generate; at most gateway.max_n (else 400)")
+    stream: bool | None = Field(False, description="answer with server-sent events")
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class ChatCompletionRequest(_Generation):
+    """Body of POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens; wins if both are set")
+
+
+class CompletionRequest(_Generation):
+    """Body of POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, texts or token ids")
+
+
+REQUEST_BODIES = {"chat": ChatCompletionRequest, "completion": CompletionRequest, "register": RegisterAdapter}
+
+
+def openapi_body(name: str) -> dict:
+    """`openapi_extra` of a route whose body the gateway reads itself: documented, never parsed by FastAPI."""
+    ref = {"$ref": f"#/components/schemas/{REQUEST_BODIES[name].__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def openapi_components() -> dict:
+    """The schemas `openapi_body` refers to, for the OpenAPI document's components."""
+    models = [(m, "validation") for m in REQUEST_BODIES.values()]
+    _, schema = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    return schema["$defs"]

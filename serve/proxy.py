@@ -46,6 +46,8 @@ SSE_HEADERS = [
 ]
 PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 CLIENT_CLOSED = 499  # the code nginx uses for "the client closed the connection before the answer ended"
+DONE = b"data: [DONE]\n\n"
+MAX_EVENT_BYTES = 1 << 20  # an SSE event this long is not one vLLM sends: stop buffering it
 
 
 def _payload(event: bytes) -> bytes | None:
@@ -95,7 +97,8 @@ class StreamMeter:
         self.last = 0.0
         self.gaps: list[float] = []
         self.usage: dict | None = None
-        self.ended = False  # the engine's stream ended
+        self.ended = False  # the engine's stream ended with [DONE]
+        self.head_sent = False  # the client has the response head: errors now go into the stream
 
     def feed(self, block: bytes, now: float) -> bytes:
         if self.first is not None and USAGE_MARK not in block:
@@ -159,31 +162,89 @@ async def read_body(request: Request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-def usage_of(body: bytes) -> dict | None:
-    try:
-        usage = json.loads(body).get("usage")
-    except (ValueError, AttributeError):
-        return None
-    return usage if isinstance(usage, dict) else None
+async def pump(upstream: httpx.Response, send, meter: StreamMeter, head: dict | None = None) -> None:
+    """Pass an SSE stream on, cut at event boundaries so the meter sees whole events.
 
-
-async def pump(upstream: httpx.Response, send, meter: StreamMeter) -> None:
-    """Pass an SSE stream on, cut at event boundaries so the meter sees whole events."""
-    carry = b""
+    The response head goes out with the first event, once that event is JSON data: an engine that answers
+    garbage costs the client a 502, not a 200 full of garbage. A stream that breaks off before `data: [DONE]`
+    raises, for the caller to end it with an error event (a silently short answer would pass for a whole one)."""
+    carry, last = b"", b""
     async for chunk in upstream.aiter_raw():
         if carry:
             chunk = carry + chunk
         end = chunk.rfind(b"\n\n")
         if end < 0:  # no complete event yet
+            if len(chunk) > MAX_EVENT_BYTES:
+                raise bad_upstream(f"the engine sent {len(chunk)} bytes without an SSE event boundary")
             carry = chunk
             continue
         end += 2
         carry = chunk[end:]
-        block = meter.feed(chunk[:end] if carry else chunk, time.perf_counter())
+        block = chunk[:end] if carry else chunk
+        if not last:
+            _check_first_event(block)
+            if head is not None:
+                await send(head)
+                meter.head_sent = True
+        last = block
+        block = meter.feed(block, time.perf_counter())
         if block:
             await send({"type": "http.response.body", "body": block, "more_body": True})
+    if not last.endswith(DONE):
+        raise bad_upstream("the engine's stream ended before data: [DONE]")
     meter.ended = True
-    await send({"type": "http.response.body", "body": carry, "more_body": False})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _check_first_event(block: bytes) -> None:
+    event = block.split(b"\n\n", 1)[0]
+    payload = _payload(event)
+    try:
+        ok = payload is not None and isinstance(json.loads(payload), dict)
+    except (ValueError, RecursionError):
+        ok = False
+    if not ok:
+        raise bad_upstream(f"the engine's stream does not start with a JSON data event: {event[:100]!r}")
+
+
+def bad_upstream(message: str) -> ApiError:
+    """The engine answered something vLLM never sends: the gateway cannot vouch for it."""
+    return ApiError(502, message, "server_error", code="bad_engine_response")
+
+
+def engine_json(status: int, body: bytes) -> dict:
+    """An engine's whole (non-streamed) answer, which vLLM always sends as a JSON object."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict):
+        raise bad_upstream(f"the engine answered {status} with a body that is not a JSON object: {body[:100]!r}")
+    return obj
+
+
+def as_api_error(e: Exception, model: str) -> ApiError:
+    """What the client is told when an exchange fails: 504 on a timeout, 502 on a broken engine, 500 on a bug."""
+    if isinstance(e, ApiError):
+        if e.status == 502:
+            log.warning("request to %s: %s", model, e.message)
+        return e
+    if isinstance(e, httpx.TimeoutException):
+        log.warning("request to %s timed out: %r", model, e)
+        return ApiError(
+            504, f"the engine sent nothing for too long ({type(e).__name__})", "server_error", code="timeout"
+        )
+    if isinstance(e, httpx.HTTPError):
+        log.warning("request to %s failed: %r", model, e)
+        return ApiError(502, f"the engine connection failed: {e!r}", "server_error", code="engine_error")
+    log.exception("request to %s failed", model)
+    return ApiError(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+def stream_error(err: ApiError) -> bytes:
+    """The end of a stream that broke after its head was sent, as vLLM ends one: an error event, then [DONE].
+    The OpenAI clients raise on it."""
+    return b"data: " + json.dumps(err.body()).encode() + b"\n\n" + DONE
 
 
 class ProxyResponse(Response):
@@ -230,11 +291,13 @@ class Proxy:
                 raise unauthorized()
             tenant_label = tenant.name
             cap = gw.cfg.gateway
-            preq = parse_request(await read_body(request, cap.max_body_bytes), kind, cap.max_tokens_cap)
+            raw = await read_body(request, cap.max_body_bytes)
+            preq = parse_request(raw, kind, cap.max_tokens_cap, cap.max_n)
             model = gw.registry.resolve(preq.model)
-            model_label = model.name if model else UNKNOWN
             if model is None or not tenant.may_use(model.name):
+                # labelled as an unknown model: /metrics must not tell a prober which names exist
                 raise model_not_found(preq.model)
+            model_label = model.name
             decision = gw.limiter.admit(tenant.name, tenant.limits)
             if not decision.ok:
                 self.m.ratelimited.labels(tenant.name, decision.limit).inc()
@@ -294,37 +357,34 @@ class Proxy:
             upstream = await self.open(ctx)
             ctx.code = upstream.status_code
             if ctx.request.stream and upstream.status_code == 200:
-                started = True
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
                 meter = StreamMeter(keep_usage=ctx.request.client_wants_usage)
+                head = {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
                 try:
-                    await pump(upstream, send, meter)
+                    await pump(upstream, send, meter, head)
                 finally:
+                    started = meter.head_sent
                     # The usage event follows the last token: a client that hangs up after it got everything.
                     ctx.completed = meter.ended or meter.usage is not None
                     ctx.usage, ctx.gaps = meter.usage, meter.gaps
                     ctx.ttft = meter.first - ctx.t0 if meter.first is not None else None
             else:
                 body = await upstream.aread()
-                if upstream.status_code == 200:
-                    ctx.usage = usage_of(body)
+                answer = engine_json(upstream.status_code, body)
+                if upstream.status_code == 200 and isinstance(answer.get("usage"), dict):
+                    ctx.usage = answer["usage"]
                 ctype = upstream.headers.get("content-type", "application/json").encode()
                 headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
                 started = True
                 ctx.completed = True
                 await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
                 await send({"type": "http.response.body", "body": body, "more_body": False})
-        except ApiError as e:
-            ctx.code = e.status
-            if not started:
-                await _send_error(send, e)
         except Exception as e:  # a broken engine connection or a bug must cost one request, not the gateway
-            ctx.code = 502 if isinstance(e, httpx.HTTPError) else 500
-            log.warning("request to %s failed: %r", ctx.model.name, e, exc_info=not isinstance(e, httpx.HTTPError))
+            err = as_api_error(e, ctx.model.name)
+            ctx.code = err.status
             if not started:
-                await _send_error(send, ApiError(ctx.code, f"engine request failed: {e!r}", "server_error"))
+                await _send_error(send, err)
             else:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await send({"type": "http.response.body", "body": stream_error(err), "more_body": False})
         finally:
             if upstream is not None:
                 with anyio.CancelScope(shield=True):

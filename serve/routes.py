@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from serve import admin
-from serve.protocol import ApiError, model_card, model_not_found, unauthorized
+from serve.protocol import ApiError, model_card, model_not_found, openapi_body, unauthorized
 from serve.tenants import bearer_key
 
 router = APIRouter()
@@ -16,12 +16,12 @@ def _gw(request: Request):
     return request.app.state.gateway
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=openapi_body("chat"))
 async def chat_completions(request: Request) -> Response:
     return await _gw(request).proxy.handle(request, "chat")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=openapi_body("completion"))
 async def completions(request: Request) -> Response:
     return await _gw(request).proxy.handle(request, "completion")
 
@@ -78,7 +78,7 @@ async def engine_metrics(name: str, request: Request) -> Response:
     return Response(resp.content, status_code=resp.status_code, media_type=resp.headers.get("content-type"))
 
 
-@router.post("/admin/adapters", status_code=201)
+@router.post("/admin/adapters", status_code=201, openapi_extra=openapi_body("register"))
 async def register_adapter(request: Request) -> dict:
     gw = _gw(request)
     admin.require_admin(gw, request.headers.get("authorization"))

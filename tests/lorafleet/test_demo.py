@@ -7,16 +7,19 @@ import pytest
 from loadtest.config import parse_config as parse_bench
 from lorafleet.cli import main
 from lorafleet.demo import TENANTS, DemoPlan, bench_config, serve_config
-from lorafleet.demo_report import accuracy_rows, claims, write_demo_report
+from lorafleet.demo_report import accuracy_rows, claims, curve_points, write_demo_report
 from serve.config import parse_config as parse_serve
 
 
 def test_generated_serve_config_is_valid_and_adds_the_merged_adapter():
     cfg = parse_serve(serve_config(DemoPlan()))
     modes = {a.name: a.mode for a in cfg.adapters}
-    assert modes == {"manifest": "lora", "contract": "lora", "drugs": "lora", "manifest-merged": "merged"}
+    curve = {f"contract-n{n}": "lora" for n in DemoPlan().curve_sizes}
+    assert modes == {"manifest": "lora", "contract": "lora", "drugs": "lora", "manifest-merged": "merged", **curve}
     acme = next(t for t in cfg.tenants if t.name == "acme")
     assert "manifest-merged" in acme.models and "contract" not in acme.models
+    globex = next(t for t in cfg.tenants if t.name == "globex")
+    assert set(curve) <= set(globex.models)
 
 
 def test_models_option_renames_everything_consistently(tmp_path):
@@ -87,6 +90,19 @@ def test_report_files_written(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "## Claims" in md and "+40 pts" in md
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+
+
+def test_learning_curve_points_join_curve_adapters_with_the_full_one(tmp_path):
+    results = _results(0.9, 0.5, 0.5, 1.0)
+    results["quality"].append({"target": "small-base", "task": "contract", "mode": "zero_shot", "accuracy": 0.0})
+    results["curve_quality"] = [
+        {"model": "contract-n50", "accuracy": 0.4},
+        {"model": "contract-n100", "accuracy": 0.7},
+    ]
+    curve = {n: {"config": {"task": "contract", "name": f"contract-n{n}", "n": n}, "metrics": {"train_seconds": n}}
+             for n in (50, 100)}  # fmt: skip
+    training = {"contract": {"config": {"task": "contract", "n": 500}, "metrics": {"train_seconds": 500.0}}}
+    assert curve_points(results, training, curve) == [(0, 0.0, 0.0), (50, 0.4, 50), (100, 0.7, 100), (500, 0.9, 500.0)]
 
 
 def test_models_option_needs_two_models(capsys):

@@ -1,18 +1,36 @@
 """A stand-in for a vLLM OpenAI server, byte-compatible where the gateway looks: SSE events in vLLM's compact
 JSON, the final usage event (choices == []), runtime LoRA loading, 404 for an adapter it does not hold, and
-aborting a stream when the client goes away. Lets the gateway's logic be tested in milliseconds."""
+aborting a stream when the client goes away. Lets the gateway's logic be tested in milliseconds.
+
+`FakeState.fault` makes it misbehave the ways a real engine can: hang, answer garbage, break off a stream.
+`python -m tests.serve.fake_engine PORT` runs one as its own process, for tests that kill -9 it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
 
 from serve.app import ServerThread
+from serve.protocol import ChatCompletionRequest, CompletionRequest
+
+Fault = Literal[
+    "none",
+    "hang",  # accept the request, never answer
+    "hang_mid_stream",  # stream two tokens, then go silent
+    "break_mid_stream",  # stream two tokens, then drop the connection
+    "garbage_json",  # 200 with a body that is not JSON
+    "garbage_sse",  # 200 event stream that is not SSE
+    "no_done",  # a stream that ends cleanly but without usage and [DONE]
+    "html_500",  # a 500 from some proxy in between: HTML, not JSON
+]
 
 
 @dataclass
@@ -26,6 +44,7 @@ class FakeState:
     aborted: int = 0
     requests: int = 0
     bodies: list[dict] = field(default_factory=list)
+    fault: Fault = "none"
 
 
 def _chunk(kind: str, model: str, choices: list, usage: dict | None = None) -> bytes:
@@ -67,10 +86,20 @@ def make_app(state: FakeState) -> FastAPI:
         state.loaded.discard((await request.json())["lora_name"])
         return PlainTextResponse("Success")
 
+    def invalid(e: ValidationError) -> JSONResponse:
+        # vLLM validates with pydantic and answers 400 (it never crashes on a bad field)
+        err = e.errors()[0]
+        message = f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+        return JSONResponse(
+            {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}, status_code=400
+        )
+
     async def complete(request: Request, kind: str):
         body = await request.json()
         state.requests += 1
         state.bodies.append(body)
+        if state.fault != "none":
+            return await faulty(body, kind)
         model = body["model"]
         if model != state.base and model not in state.loaded:
             return JSONResponse(
@@ -84,7 +113,8 @@ def make_app(state: FakeState) -> FastAPI:
                 },
                 status_code=404,
             )
-        if (body.get("temperature") or 0) < 0:  # what vLLM's own validation answers
+        temperature = body.get("temperature")
+        if isinstance(temperature, int | float) and temperature < 0:  # what vLLM's own validation answers
             return JSONResponse(
                 {
                     "error": {
@@ -96,7 +126,11 @@ def make_app(state: FakeState) -> FastAPI:
                 },
                 status_code=400,
             )
-        n = body.get("max_tokens") or 5
+        try:
+            (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(body)
+        except ValidationError as e:
+            return invalid(e)
+        n = body.get("max_completion_tokens") or body.get("max_tokens") or 5
         prompt = len(json.dumps(body.get("messages") or body.get("prompt"))) // 4
         usage = {"prompt_tokens": prompt, "total_tokens": prompt + n, "completion_tokens": n}
         if not body.get("stream"):
@@ -131,6 +165,37 @@ def make_app(state: FakeState) -> FastAPI:
                 state.running -= 1
                 if not finished:
                     state.aborted += 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def hang() -> None:
+        # until the test clears the fault: a hung handler must not outlive the test that hung it
+        while state.fault != "none":
+            await asyncio.sleep(0.05)
+
+    async def faulty(body: dict, kind: str) -> Response:
+        fault, model = state.fault, body["model"]
+        if fault == "hang":
+            await hang()
+            return JSONResponse({"error": {"message": "hung", "type": "x", "param": None, "code": 500}}, 500)
+        if fault == "garbage_json":
+            return PlainTextResponse("<html>surprise</html>" if not body.get("stream") else "event: ???\n\nnope\n\n")
+        if fault == "html_500":
+            return Response("<html><body>502 Bad Gateway</body></html>", status_code=500, media_type="text/html")
+        if fault == "garbage_sse":
+            return StreamingResponse(iter([b"data: not json at all\n\n", b"data: [DONE]\n\n"]))
+
+        async def events():
+            state.running += 1
+            try:
+                for i in range(2):
+                    yield _chunk(kind, model, [{"index": 0, "text": f"t{i} ", "delta": {"content": f"t{i} "}}])
+                if fault == "hang_mid_stream":
+                    await hang()
+                if fault == "break_mid_stream":
+                    raise ConnectionAbortedError("fake engine: drop the connection mid-stream")
+            finally:
+                state.running -= 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -171,3 +236,11 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+if __name__ == "__main__":  # a fake engine in its own process, for tests that kill it
+    port, delay = int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    engine = FakeEngine(port).start()
+    engine.state.token_delay = delay
+    print("ready", flush=True)
+    engine.server.thread.join()

@@ -1,4 +1,5 @@
-"""An engine that dies is restarted by the supervisor and gets its adapters back (its own engine: ~1-2 min).
+"""An engine killed (kill -9) while it streams: its clients get an error event at once, new requests 503 +
+Retry-After, the supervisor restarts it and the gateway loads its adapters back (its own engine: ~1-2 min).
 
 SmolLM2, not tiny-random-llama: vLLM's CPU attention needs head_dim >= 32 and the tiny model has 16 (its
 first request kills the engine with "Unsupported CPU attention configuration: head_dim=16").
@@ -6,8 +7,10 @@ first request kills the engine with "Unsupported CPU attention configuration: he
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 
 import httpx
 import pytest
@@ -21,6 +24,22 @@ from tests.serve.fake_engine import wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MSG = [{"role": "user", "content": "hi"}]
+
+
+def stream_until_closed(url: str, model: str, flowing: threading.Event, out: list) -> None:
+    body = {"model": model, "messages": MSG, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {KEYS['acme']}"}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+        raw = b""
+        for chunk in r.iter_raw():
+            raw += chunk
+            flowing.set()
+    out.append((r.status_code, raw))
+
+
+def last_events(raw: bytes) -> list:
+    events = [e[6:] for e in raw.decode().split("\n\n") if e.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events[-2:]]
 
 
 def test_killed_engine_is_restarted_and_its_adapters_come_back(smollm2_path, tmp_path):
@@ -54,8 +73,24 @@ def test_killed_engine_is_restarted_and_its_adapters_come_back(smollm2_path, tmp
 
     try:
         assert ask().status_code == 200
+        # streams in flight when the engine dies: each must end at once with an error event, not hang
+        streams, flowing = [], [threading.Event() for _ in range(3)]
+        clients = [
+            threading.Thread(target=stream_until_closed, args=(server.url, model, ev, streams))
+            for model, ev in zip(["smol-a", "smol", "smol-a"], flowing, strict=True)
+        ]
+        for c in clients:
+            c.start()
+        assert all(ev.wait(60) for ev in flowing)
         old_pid = engine.proc.pid
         os.killpg(old_pid, signal.SIGKILL)
+        for c in clients:
+            c.join(timeout=30)
+        assert len(streams) == 3, "a client still hangs on the dead engine"
+        for status, raw in streams:
+            err, done = last_events(raw)
+            assert status == 200 and done == "[DONE]" and err["error"]["code"] == "engine_error", raw[-300:]
+        assert httpx.get(f"{server.url}/health").status_code == 200  # the gateway itself is fine
         assert wait_for(lambda: not engine.alive() or engine.proc.pid != old_pid, timeout=30)
         if supervisor.restarts["smol"] == 0 and not engine.healthy():
             down = ask()  # while it is down: a quick 503, never a hang
@@ -66,6 +101,8 @@ def test_killed_engine_is_restarted_and_its_adapters_come_back(smollm2_path, tmp
         assert wait_for(lambda: "smol-a" in engine_models(), timeout=60, interval=0.5)
         assert ask().status_code == 200
         assert scrape(server.url, "lorafleet_adapter_loads_total", adapter="smol-a", result="ok") == 2
+        assert scrape(server.url, "lorafleet_requests_total", code="502") == 3
+        assert scrape(server.url, "lorafleet_inflight_requests", tenant="acme") == 0
     finally:
         server.stop()
         supervisor.stop_all()

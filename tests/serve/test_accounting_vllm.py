@@ -1,0 +1,147 @@
+"""Metering under concurrent load on the real engine: the tokens and cost the gateway counts equal the usage its
+clients received, to the token, while some clients hang up mid-stream (logged 499, not metered, aborted in vLLM).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from serve.app import ServerThread, create_app
+from tests.conftest import LIVE_ADAPTERS, free_port
+from tests.serve.conftest import ADMIN_KEY, KEYS, config, metric, tenant
+from tests.serve.fake_engine import wait_for
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+BASE = "smollm2-135m-instruct"
+PRICE = {"input": 0.5, "output": 1.5}  # $ per 1M tokens; adapters cost their base's price
+OWN = {"acme": LIVE_ADAPTERS["acme"], "globex": LIVE_ADAPTERS["globex"]}
+
+
+@pytest.fixture(scope="module")
+def gw(vllm_engine, live_gateway, smollm2_path):
+    """A gateway of its own (metrics from zero) over the session engine, with the live gateway's adapters."""
+    cfg = config(
+        [{"name": "smollm2", "model": str(smollm2_path), "served_name": BASE, "urls": [vllm_engine.spec.url]}],
+        [tenant(t, [BASE, a]) for t, a in OWN.items()],
+        [{"name": a, "path": a, "base": BASE} for a in OWN.values()],
+        adapters_root=live_gateway.gateway.adapters_root,
+        prices={BASE: PRICE},
+    )
+    server = ServerThread(create_app(cfg), port=free_port()).start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Job:
+    tenant: str
+    model: str
+    kind: str  # chat | completion
+    stream: bool
+    cancel_after: int | None  # close the stream after this many chunks
+    max_tokens: int
+
+
+@dataclass
+class Outcome:
+    job: Job
+    status: int
+    usage: dict | None  # what the client received
+
+
+def jobs(n: int = 24, seed: int = 7) -> list[Job]:
+    rng, out = random.Random(seed), []
+    for i in range(n):
+        who = ("acme", "globex")[i % 2]
+        stream = i % 4 in (1, 2, 3)
+        cancel = rng.randint(1, 4) if stream and i % 4 == 3 else None
+        # a cancelled request must still be generating when its client hangs up: many tokens, no early EOS
+        out.append(
+            Job(
+                who,
+                rng.choice([BASE, OWN[who]]),
+                rng.choice(["chat", "completion"]),
+                stream,
+                cancel,
+                300 if cancel else rng.randint(4, 24),
+            )
+        )
+    return out
+
+
+def run(gw: ServerThread, job: Job) -> Outcome:
+    body = {"model": job.model, "max_tokens": job.max_tokens, "stream": job.stream, "temperature": 0.8}
+    if job.cancel_after:
+        body["ignore_eos"] = True
+    if job.stream:
+        body["stream_options"] = {"include_usage": True}
+    if job.kind == "chat":
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": f"Tell me about {job.model}."}]
+    else:
+        path, body["prompt"] = "/v1/completions", f"A short note on {job.model}:"
+    headers = {"Authorization": f"Bearer {KEYS[job.tenant]}"}
+    if not job.stream:
+        r = httpx.post(gw.url + path, json=body, headers=headers, timeout=300)
+        return Outcome(job, r.status_code, r.json().get("usage"))
+    usage = None
+    with httpx.stream("POST", gw.url + path, json=body, headers=headers, timeout=300) as r:
+        for i, line in enumerate(r.iter_lines()):
+            if job.cancel_after and i >= job.cancel_after * 2:  # each event is a data line and a blank line
+                return Outcome(job, 499, None)  # leaving the block closes the connection mid-stream
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage") or usage
+    return Outcome(job, r.status_code, usage)
+
+
+def test_metered_tokens_and_cost_equal_client_usage_under_load_with_cancellations(gw, vllm_engine):
+    plan = jobs()
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda j: run(gw, j), plan))
+    done = [o for o in outcomes if o.status == 200]
+    cancelled = [o for o in outcomes if o.job.cancel_after]
+    assert len(done) + len(cancelled) == len(plan), [o.status for o in outcomes]
+    assert cancelled and all(o.usage for o in done)
+
+    def engine_running() -> float:
+        return metric(httpx.get(f"{vllm_engine.spec.url}/metrics").text, "vllm:num_requests_running")
+
+    # every request, cancelled ones included, is over in the engine and logged by the gateway
+    assert wait_for(lambda: engine_running() == 0, timeout=120)
+    assert wait_for(
+        lambda: metric(httpx.get(f"{gw.url}/metrics").text, "lorafleet_requests_total") == len(plan), timeout=30
+    )
+    text = httpx.get(f"{gw.url}/metrics").text
+    assert metric(text, "lorafleet_requests_total", code="200") == len(done)
+    assert metric(text, "lorafleet_requests_total", code="499") == len(cancelled)  # abandoned: logged as 499
+    report = {
+        t["name"]: t["usage"]
+        for t in httpx.get(f"{gw.url}/admin/tenants", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()[
+            "tenants"
+        ]
+    }
+    diffs = {}
+    for who in OWN:
+        mine = [o.usage for o in done if o.job.tenant == who]
+        prompt, completion = sum(u["prompt_tokens"] for u in mine), sum(u["completion_tokens"] for u in mine)
+        metered_p = metric(text, "lorafleet_tokens_total", tenant=who, kind="prompt")
+        metered_c = metric(text, "lorafleet_tokens_total", tenant=who, kind="completion")
+        cost = (prompt * PRICE["input"] + completion * PRICE["output"]) / 1e6
+        metered_cost = metric(text, "lorafleet_cost_usd_total", tenant=who)
+        diffs[who] = (metered_p - prompt, metered_c - completion, metered_cost - cost)
+        # cancelled streams are not metered: what the clients received is exactly what was counted
+        assert (metered_p, metered_c) == (prompt, completion)
+        assert (report[who]["prompt_tokens"], report[who]["completion_tokens"]) == (prompt, completion)
+        assert metered_cost == pytest.approx(cost, rel=1e-9, abs=1e-15)
+        assert report[who]["inflight"] == 0
+    print(
+        f"\naccounting: {len(plan)} requests (c=8), {len(done)} completed, {len(cancelled)} cancelled mid-stream; "
+        "metered - received (prompt tokens, completion tokens, $): "
+        + ", ".join(f"{who} {p:+.0f} {c:+.0f} {d:+.2e}" for who, (p, c, d) in diffs.items())
+    )
