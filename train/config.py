@@ -44,7 +44,7 @@ class TrainConfig:
     seed: int = _f(0, "seeds data order, task generation and LoRA init")
     # the adapter
     r: int = _f(8, f"LoRA rank; vLLM serves {VLLM_RANKS} up to `max_serving_rank`")
-    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r")
+    alpha: int = _f(16, "LoRA alpha; the update is scaled by alpha / r (alpha = 2r is common)")
     dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: list[str] = _f([], "module names to adapt; empty = every nn.Linear except lm_head")
     max_serving_rank: int = _f(16, "the --max-lora-rank of the vLLM server that will serve this adapter")

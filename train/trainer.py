@@ -569,6 +569,7 @@ class Run:
             "versions": _versions(),
         }
         (self.out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        shutil.rmtree(self.out / "checkpoints", ignore_errors=True)  # the run is complete: nothing left to resume
         return self.out
 
 

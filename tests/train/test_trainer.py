@@ -234,6 +234,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, data_file, extra):
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"resume max abs weight diff: {diff}")
     assert a.keys() == b.keys() and diff < 1e-6
+    assert not (resumed / "checkpoints").exists()  # a finished run leaves only the adapter
     losses = [
         json.loads((d / "lorafleet_train.json").read_text())["metrics"]["train_loss"] for d in (straight, resumed)
     ]
@@ -340,21 +341,18 @@ def test_cli_run_reports_a_bad_override_without_traceback(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_short_real_smollm2_run_produces_a_servable_adapter(tmp_path):
-    cfg = load_config(
-        "manifest",
-        {
-            "n": 40,
-            "eval_n": 8,
-            "max_steps": 20,
-            "batch_size": 4,
-            "eval_every": 0,
-            "save_every": 0,
-            "output_dir": str(tmp_path / "manifest"),
-            "progress": False,
-        },
-    )
-    out = train(cfg, log=lambda _: None)
+    overrides = {
+        "n": 80,
+        "eval_n": 8,
+        "max_steps": 20,
+        "batch_size": 4,
+        "eval_every": 0,
+        "save_every": 0,
+        "output_dir": str(tmp_path / "contract"),
+        "progress": False,
+    }
+    out = train(load_config("contract", overrides), log=lambda _: None)
     assert validate_adapter(out, base_model="smollm2-135m-instruct", max_rank=16) == []
     report = json.loads((out / "lorafleet_train.json").read_text())
     losses = [loss for _, loss in report["metrics"]["train_loss"]]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # a real model learns the answer format within 20 steps
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 / 2  # a real model picks up the label format in 20 steps
