@@ -3,13 +3,12 @@ report.html, PNG plots, and the summary table printed at the end."""
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from pathlib import Path
 from typing import Any
 
 from loadtest.runner import BenchState
+from lorafleet.blocks import to_html, to_markdown
 
 ROW_KEYS = (
     "target model load slo_met req_per_s output_tok_per_s ttft_p50_s ttft_p90_s ttft_p99_s itl_p50_s e2e_p50_s "
@@ -361,51 +360,6 @@ def _blocks(results: dict[str, Any], plots: list[tuple[str, str]]) -> list[tuple
     return blocks
 
 
-def _md(blocks: list[tuple]) -> str:
-    out = []
-    for kind, *rest in blocks:
-        if kind == "h1":
-            out.append(f"# {rest[0]}\n")
-        elif kind == "h2":
-            out.append(f"## {rest[0]}\n")
-        elif kind == "p":
-            out.append(f"{rest[0]}\n")
-        elif kind == "table":
-            headers, rows = rest
-            out.append("| " + " | ".join(headers) + " |")
-            out.append("|" + "---|" * len(headers))
-            out += ["| " + " | ".join(r) + " |" for r in rows]
-            out.append("")
-        elif kind == "img":
-            out.append(f"![{rest[1]}]({rest[0]})\n")
-    return "\n".join(out)
-
-
-def _html(blocks: list[tuple], out_dir: Path) -> str:
-    e = html.escape
-    body = []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2", "p"):
-            body.append(f"<{kind}>{e(rest[0])}</{kind}>")
-        elif kind == "table":
-            headers, rows = rest
-            head = "".join(f"<th>{e(h)}</th>" for h in headers)
-            trs = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
-        elif kind == "img":
-            data = base64.b64encode((out_dir / rest[0]).read_bytes()).decode()
-            body.append(f'<img alt="{e(rest[1])}" src="data:image/png;base64,{data}">')
-    style = (
-        "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}th{background:#f3f3f3}"
-        "img{max-width:100%}"
-    )
-    return (
-        f'<!doctype html><html><head><meta charset="utf-8"><title>lorafleet bench</title><style>{style}</style>'
-        f"</head><body>{''.join(body)}</body></html>"
-    )
-
-
 def write_report(state: BenchState, out_dir: Path) -> dict[str, Any]:
     """Write results.json, the plots, report.md and report.html into out_dir; return the results."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -420,6 +374,6 @@ def write_report(state: BenchState, out_dir: Path) -> dict[str, Any]:
         if fn(results, out_dir / file):
             plots.append((file, title))
     blocks = _blocks(results, plots)
-    (out_dir / "report.md").write_text(_md(blocks))
-    (out_dir / "report.html").write_text(_html(blocks, out_dir))
+    (out_dir / "report.md").write_text(to_markdown(blocks))
+    (out_dir / "report.html").write_text(to_html(blocks, out_dir, "lorafleet bench"))
     return results

@@ -122,7 +122,7 @@ def _preflight(t: Target, models: set[str]) -> str:
 
 
 def test_preflight_passes_when_every_model_is_served(fake):
-    asyncio.run(preflight([target(fake)], {"fake-t": set(MODELS)}))
+    assert asyncio.run(preflight([target(fake)], {"fake-t": set(MODELS)})) is None  # raises PreflightError if not
 
 
 def test_preflight_connection_refused_names_the_target(fake):
