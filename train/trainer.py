@@ -64,6 +64,8 @@ class State:
     batch_in_epoch: int = 0
     tokens: int = 0  # real (non-pad) tokens seen in training steps
     train_seconds: float = 0.0
+    # CPU time of all threads in the steps: unlike wall time it barely moves when other processes share the CPU.
+    train_cpu_seconds: float = 0.0
     train_loss: list[list[float]] = field(default_factory=list)  # [step, loss]
     eval_loss: list[list[float]] = field(default_factory=list)
 
@@ -520,10 +522,11 @@ class Run:
                 if stop_after is not None and state.step - start >= stop_after:
                     self.save(state)
                     return True
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 loss, tokens = self.step(state)
                 state.step, state.tokens = state.step + 1, state.tokens + tokens
                 state.train_seconds += time.perf_counter() - t0
+                state.train_cpu_seconds += time.process_time() - c0
                 state.train_loss.append([state.step, round(loss, 5)])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{state.tokens / state.train_seconds:.0f}")
@@ -583,6 +586,8 @@ def _metrics(state: State) -> dict[str, Any]:
         "tokens": state.tokens,
         "tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
         "train_seconds": round(state.train_seconds, 2),
+        "tokens_per_cpu_s": round(state.tokens / state.train_cpu_seconds, 1) if state.train_cpu_seconds else None,
+        "train_cpu_seconds": round(state.train_cpu_seconds, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
 
