@@ -158,13 +158,13 @@ def _cost_table(results: dict, usd_per_hour: float) -> tuple[list[str], list[lis
 
 
 def _training_table(training: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    headers = ["adapter", "examples", "trainable params", "share", "train time", "tokens/s", "final eval loss"]
+    headers = ["adapter", "examples", "epochs", "trainable params", "share", "train time", "tokens/s", "final eval loss"]
     rows = []
     for task, t in training.items():
         params, m = t.get("params") or {}, t.get("metrics") or {}
         loss = m.get("final_eval_loss")
         rows.append(
-            [task, str(t["config"]["n"]), f"{params.get('trainable', 0):,}", f"{100 * params.get('share', 0):.2f} %",
+            [task, str(t["config"]["n"]), f"{t['config'].get('epochs', 1):g}", f"{params.get('trainable', 0):,}", f"{100 * params.get('share', 0):.2f} %",
              _s(m.get("train_seconds")), f"{m.get('tokens_per_s') or 0:.0f}", "-" if loss is None else f"{loss:.4f}"]
         )  # fmt: skip
     return headers, rows

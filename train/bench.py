@@ -6,7 +6,9 @@
 Variants (each in its own process, so peak RSS is its own):
   baseline          transformers.Trainer + PEFT LoRA, fp32, DataCollatorForSeq2Seq padding to the longest
                     in a random batch, full logits at every position
-  ours              train.trainer: bf16 base + autocast, length-grouped batches, LM head only at label positions
+  ours              train.trainer: bf16 base + autocast, length-grouped batches, LM head only at label positions,
+                    the prefix every row shares (the system prompt) run once per batch
+  ours-no-prefix-sharing  ours running every row's copy of the shared prefix (shows what sharing is worth)
   ours-full-logits  ours with the LM head at every position (shows what the sparse LM head is worth)
   ours-fp32         ours without bf16 (shows what bf16 is worth)
 Throughput counts real (non-pad) tokens only, per wall second and per CPU-second (all threads; steadier when
@@ -24,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("baseline", "ours", "ours-full-logits", "ours-fp32")
-DEFAULT_VARIANTS = ("baseline", "ours", "ours-full-logits")
+VARIANTS = ("baseline", "ours", "ours-no-prefix-sharing", "ours-full-logits", "ours-fp32")
+DEFAULT_VARIANTS = ("baseline", "ours", "ours-no-prefix-sharing")
 RESULT_TAG = "BENCH_RESULT "
 
 
@@ -56,7 +58,11 @@ def _config(spec: dict[str, Any], out: str, **extra: Any):
 def run_ours(spec: dict[str, Any], variant: str) -> dict[str, Any]:
     from train.trainer import REPORT_FILE, train
 
-    extra = {"logits_at_labels": variant != "ours-full-logits", "bf16": "false" if variant == "ours-fp32" else "auto"}
+    extra = {
+        "logits_at_labels": variant != "ours-full-logits",
+        "share_prefix": variant != "ours-no-prefix-sharing",
+        "bf16": "false" if variant == "ours-fp32" else "auto",
+    }
     with tempfile.TemporaryDirectory() as tmp:
         out = train(_config(spec, tmp, **extra), log=lambda _: None)
         m = json.loads((out / REPORT_FILE).read_text())["metrics"]

@@ -64,6 +64,7 @@ class TrainConfig:
     # speed
     bf16: str = _f("auto", "base weights in bf16 + autocast: auto (if the CPU has AVX512-BF16/AMX) | true | false")
     logits_at_labels: bool = _f(True, "apply the LM head only where the loss is taken (big vocab => big saving)")
+    share_prefix: bool = _f(True, "run the prompt prefix all rows of a batch share (the system prompt) once per batch")
     threads: int = _f(0, "torch threads; 0 = torch's default")
     # bookkeeping
     eval_every: int = _f(0, "eval loss every N steps; 0 = only at the end")

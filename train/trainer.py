@@ -293,26 +293,69 @@ def build_optimizer(model, cfg: TrainConfig, steps: int):
 # ---------------------------------------------------------------- loss
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], logits_at_labels: bool = True) -> torch.Tensor:
+# Architectures whose decoder is checked to give the same loss with a shared-prefix KV cache (tests/train).
+PREFIX_SHARING_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
+MIN_SHARED_PREFIX = 16  # below this the extra decoder call costs more than it saves
+
+
+def shared_prefix_len(batch: dict[str, torch.Tensor]) -> int:
+    """How many leading tokens every row shares and none of them is scored on (the system prompt, usually).
+
+    Tasks repeat one instruction in every example (35-50 % of the tokens of the built-in tasks). Position p's
+    hidden state predicts token p+1, so the prefix stops one token before the first labelled token of any row.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    if ids.shape[0] < 2:
+        return 0
+    common = int((ids == ids[:1]).all(dim=0).int().cumprod(0).sum())
+    labelled = (labels != IGNORE).any(dim=0).nonzero()
+    first_label = int(labelled[0]) if len(labelled) else ids.shape[1]
+    n = min(common, first_label - 1)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _decoder_hidden(lm, input_ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The decoder's last hidden states for positions prefix.. of each row.
+
+    With a shared prefix, it runs once (batch of 1) into a KV cache that is repeated across the batch; the rows
+    then attend to it exactly as to their own copy. Gradients flow back through the repeated cache, so the
+    prefix's LoRA weights get the sum of every row's gradient, as without sharing.
+    """
+    decoder = lm.get_decoder()
+    if not prefix:
+        return decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+    cache = decoder(input_ids=input_ids[:1, :prefix], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(input_ids.shape[0])
+    return decoder(input_ids=input_ids[:, prefix:], past_key_values=cache, use_cache=True).last_hidden_state
+
+
+def loss_sum(
+    model, batch: dict[str, torch.Tensor], logits_at_labels: bool = True, share_prefix: bool = True
+) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled positions.
 
     With `logits_at_labels` the decoder runs alone and the LM head is applied only to the hidden states whose
     next token is labelled: the answer is a few dozen tokens of a several-hundred-token example, and the head
-    (49k x 576 for SmolLM2) is about a fifth of the forward FLOPs plus a large fp32 softmax.
+    (49k x 576 for SmolLM2) is about a fifth of the forward FLOPs plus a large fp32 softmax. With `share_prefix`
+    (on architectures in PREFIX_SHARING_MODELS) the prefix all rows share is computed once per batch.
 
     No attention mask is passed: padding is on the right and attention is causal, so no real token can see a
     pad, and pad positions are never labelled. Without a mask SDPA takes its faster causal kernel.
     """
     lm = model.get_base_model()
     targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
     if logits_at_labels:
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+        shareable = share_prefix and getattr(lm.config, "model_type", None) in PREFIX_SHARING_MODELS
+        prefix = shared_prefix_len(batch) if shareable else 0
+        hidden = _decoder_hidden(lm, batch["input_ids"], prefix)
+        targets = targets[:, prefix:]
+        keep = targets != IGNORE
         logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
         cap = getattr(lm.config, "final_logit_softcapping", None)
         if cap:  # Gemma-2 style models squash logits; keep the loss identical to the full forward
             logits = torch.tanh(logits / cap) * cap
     else:
+        keep = targets != IGNORE
         logits = lm(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1][keep]
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
@@ -332,7 +375,7 @@ def evaluate_loss(model, examples: list[Example], cfg: TrainConfig, pad_id: int,
     for start in range(0, len(order), size):
         batch = collate([examples[i] for i in order[start : start + size]], pad_id)
         with amp():
-            total += float(loss_sum(model, batch, cfg.logits_at_labels))
+            total += float(loss_sum(model, batch, cfg.logits_at_labels, cfg.share_prefix))
         count += n_labels(batch)
     model.train()
     return total / max(1, count)
@@ -497,7 +540,7 @@ class Run:
         total = 0.0
         for batch in batches:
             with self.amp():
-                loss = loss_sum(self.model, batch, self.cfg.logits_at_labels) / max(1, labelled)
+                loss = loss_sum(self.model, batch, self.cfg.logits_at_labels, self.cfg.share_prefix) / max(1, labelled)
             loss.backward()
             total += float(loss.detach())
         if self.cfg.max_grad_norm:

@@ -203,6 +203,32 @@ def test_loss_at_label_positions_equals_the_masked_full_forward(tmp_path):
     assert torch.allclose(sparse, reference, rtol=1e-5) and torch.allclose(full, reference, rtol=1e-5)
 
 
+def test_a_shared_system_prompt_computed_once_gives_the_same_loss_and_gradients(tmp_path):
+    system = "You are a careful assistant for the shipping desk. Repeat the word you are given, exactly once."
+    rows = [chat(i) for i in range(4)]
+    for i, row in enumerate(rows):
+        row["messages"][0]["content"] = system
+        row["messages"][1]["content"] += " please" * i  # different lengths: the batch is padded
+    data = write_jsonl(tmp_path / "sys.jsonl", rows)
+    run = setup(tiny(tmp_path, data, bf16="false", eval_fraction=0.0), log=lambda _: None)
+    batch = trainer.collate(run.data.train, run.pad_id)
+    prefix = trainer.shared_prefix_len(batch)
+    assert prefix >= trainer.MIN_SHARED_PREFIX  # the shared path really runs
+    assert (batch["labels"][:, : prefix + 1] == trainer.IGNORE).all()  # and never swallows a scored token
+
+    def loss_and_grads(share: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        run.model.zero_grad()
+        loss = trainer.loss_sum(run.model, batch, share_prefix=share)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in run.model.parameters() if p.requires_grad]
+
+    shared, shared_grads = loss_and_grads(True)
+    plain, plain_grads = loss_and_grads(False)
+    assert torch.allclose(shared, plain, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in plain_grads)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(shared_grads, plain_grads, strict=True))
+
+
 def test_same_seed_same_lora_init_different_seed_different(tmp_path, data_file):
     def lora_a(seed):
         run = setup(tiny(tmp_path, data_file, seed=seed), log=lambda _: None)

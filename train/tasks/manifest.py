@@ -1,8 +1,9 @@
 """Shipping-manifest discrepancy detection: compare what was declared with what arrived.
 
-Each input is a manifest (shipper, vessel, ports, seal, declared cargo) and an arrival inspection (port, seal
-found, counted and weighed cargo) with 0-2 injected discrepancies a careful reader can see by comparing the two
-halves. The same numbers are sometimes written differently (1,450 vs 1450): a format change is not a discrepancy.
+Each input is an outturn report, written by a surveyor on discharge: the manifest (ports, seal, cargo) and the
+survey's findings in free text, 0-2 of which are discrepancies, each phrased one of several ways. The task is to
+code the findings into the tenant's reason codes. Confirmations ("seal intact", a weight written 1450 where the
+manifest says 1,450) and remarks (damage, delays) are distractors, never a reason.
 """
 
 from __future__ import annotations
@@ -128,76 +129,120 @@ def _declare(rng: random.Random, products: list[str]) -> list[dict]:
     return items
 
 
-def _inject(rng: random.Random, reasons: list[str], items: list[dict], products: list[str]) -> list[dict]:
-    """The cargo found on arrival: the declared items, changed as the reasons say, in a different order."""
-    found = [dict(item) for item in items]
-    if "quantity_mismatch" in reasons:
-        item = rng.choice(found)
-        delta = rng.randint(1, min(6, item["qty"] - 1))
-        item["qty"] += delta if rng.random() < 0.4 else -delta
-    if "weight_mismatch" in reasons:
-        item = rng.choice(found)
-        change = max(5, round(item["kg"] * rng.uniform(0.06, 0.3)))
-        item["kg"] += change if rng.random() < 0.5 else -change
-    if "undeclared_item" in reasons:
-        extra = _declare(rng, [p for p in products if p not in {i["product"] for i in items}])[0]
-        found.append(extra)
-    rng.shuffle(found)
-    return found
+# How a surveyor writes each finding. Every template of a discrepancy names the evidence (the other port, the
+# other seal, both figures or the difference, the unlisted product); the "fine" notes and remarks are the
+# distractors a reader must not code as reasons: a confirmed seal, a weight written 1450 instead of 1,450, damage.
+PORT_BAD = [
+    "container discharged at {other} instead of {pod}",
+    "vessel diverted, cargo landed at {other}, not {pod}",
+    "box arrived at {other}; the manifest shows discharge at {pod}",
+    "discharge port on arrival was {other} (manifested: {pod})",
+]
+PORT_OK = ["discharged at {pod} as manifested", "arrived at {pod} on schedule", "landed at {pod}"]
+SEAL_BAD = [
+    "seal found {found}, the manifest says {seal}",
+    "seal {seal} missing; container closed with {found}",
+    "seal number {found} does not match {seal}",
+    "seal replaced in transit, now {found}",
+]
+SEAL_OK = ["seal {seal} intact", "seal checked and matches the manifest", "seal {seal} verified"]
+QTY_BAD = [
+    "{product} {short_over} by {d} {unit}",
+    "{product}: {q2} {unit} counted against {q} manifested",
+    "tally of {product} is {q2} {unit}, manifest {q}",
+]
+QTY_OK = ["all packages tallied as manifested", "{product} count agrees ({q} {unit})", "package count correct"]
+WEIGHT_BAD = [
+    "{product} weighed {kg2} against {kg} declared",
+    "{product} is {dkg} kg {heavier_lighter} than manifested",
+    "gross weight of {product} off by {dkg} kg",
+]
+WEIGHT_OK = ["weights agree with the manifest", "{product} weighed {kg_other_format} as declared"]
+EXTRA_BAD = [
+    "found {q} {unit} of {product} not listed on the manifest",
+    "unmanifested cargo: {product}, {q} {unit}",
+    "extra {product} ({q} {unit}) in the container",
+]
 
 
-def _manifest_text(rng: random.Random, m: dict) -> str:
-    commas = rng.random() < 0.5
-    cargo = [f"{i['qty']} {i['unit']} of {i['product']}, {_kg(i['kg'], commas)}" for i in m["items"]]
-    layout = rng.randrange(3)
-    if layout == 0:
-        return (
-            f"SHIPPING MANIFEST {m['ref']}\nShipper: {m['shipper']}. Consignee: {m['consignee']}.\n"
-            f"Vessel {m['vessel']}, {m['pol']} to {m['pod']}. Container {m['container']}, seal {m['seal']}.\n"
-            "Declared cargo:\n" + "\n".join(f"- {c}" for c in cargo)
-        )
-    if layout == 1:
-        return (
-            f"Manifest no. {m['ref']} | {m['vessel']} | loaded at {m['pol']}, port of discharge {m['pod']}\n"
-            f"Shipper {m['shipper']} / consignee {m['consignee']}\n"
-            f"Container {m['container']} sealed with {m['seal']}.\nDeclared: " + "; ".join(cargo) + "."
-        )
-    return (
-        f"Bill of lading {m['ref']}: {m['shipper']} ships to {m['consignee']} aboard the {m['vessel']} from "
-        f"{m['pol']}, discharge port {m['pod']}. The manifest declares " + ", ".join(cargo) + ". "
-        f"Seal {m['seal']} was applied at origin on container {m['container']}."
+def _finding(rng: random.Random, reasons: list[str], reason: str, bad: list[str], ok: list[str], **fill) -> list[str]:
+    """One note on a check: a template of `bad` if the reason applies, else (often) a confirming one of `ok`."""
+    if reason in reasons:
+        return [rng.choice(bad).format(**fill)]
+    return [rng.choice(ok).format(**fill)] if ok and rng.random() < 0.6 else []
+
+
+def _notes(rng: random.Random, reasons: list[str], m: dict, products: list[str]) -> list[str]:
+    """The surveyor's findings, one per check, in random order, plus sometimes an irrelevant remark."""
+    item = rng.choice(m["items"])
+    d = rng.randint(1, min(6, item["qty"] - 1))
+    q2 = item["qty"] + d if rng.random() < 0.4 else item["qty"] - d
+    dkg = max(5, round(item["kg"] * rng.uniform(0.06, 0.3)))
+    kg2 = item["kg"] + dkg if rng.random() < 0.5 else item["kg"] - dkg
+    commas = m["commas"]
+    extra = _declare(rng, [p for p in products if p not in {i["product"] for i in m["items"]}])[0]
+    notes = [
+        *_finding(rng, reasons, "port_mismatch", PORT_BAD, PORT_OK, other=m["other_port"], pod=m["pod"]),
+        *_finding(rng, reasons, "seal_mismatch", SEAL_BAD, SEAL_OK, seal=m["seal"], found=_other_seal(rng, m["seal"])),
+        *_finding(
+            rng,
+            reasons,
+            "quantity_mismatch",
+            QTY_BAD,
+            QTY_OK,
+            product=item["product"],
+            unit=item["unit"],
+            q=item["qty"],
+            q2=q2,
+            d=d,
+            short_over="over" if q2 > item["qty"] else "short",
+        ),  # fmt: skip
+        *_finding(
+            rng,
+            reasons,
+            "weight_mismatch",
+            WEIGHT_BAD,
+            WEIGHT_OK,
+            product=item["product"],
+            kg=_kg(item["kg"], commas),
+            kg2=_kg(kg2, commas),
+            dkg=dkg,
+            heavier_lighter="heavier" if kg2 > item["kg"] else "lighter",
+            kg_other_format=_kg(item["kg"], not commas),
+        ),  # fmt: skip
+        *_finding(
+            rng,
+            reasons,
+            "undeclared_item",
+            EXTRA_BAD,
+            [],
+            product=extra["product"],
+            unit=extra["unit"],
+            q=extra["qty"],
+        ),
+    ]
+    rng.shuffle(notes)
+    if rng.random() < 0.4:
+        notes.append(rng.choice(REMARKS))
+    return notes or ["no exceptions"]
+
+
+def _report(rng: random.Random, m: dict, notes: list[str]) -> str:
+    cargo = [f"{i['qty']} {i['unit']} of {i['product']} ({_kg(i['kg'], m['commas'])})" for i in m["items"]]
+    head = (
+        f"Outturn report {m['ref']}: {m['vessel']}, {m['pol']} to {m['pod']}, container {m['container']}, "
+        f"seal {m['seal']}. Shipper {m['shipper']}, consignee {m['consignee']}. Manifest: " + "; ".join(cargo) + "."
     )
-
-
-def _inspection_text(rng: random.Random, m: dict) -> str:
-    commas = rng.random() < 0.5
-    found = [f"{i['product']}: {i['qty']} {i['unit']}, {_kg(i['kg'], commas)}" for i in m["found"]]
-    layout = rng.randrange(3)
-    if layout == 0:
-        text = (
-            f"Arrival report, {m['arrival']}, {m['date']} (inspector {m['inspector']}):\n"
-            f"Seal on arrival: {m['seal_found']}\nCounted and weighed at dock:\n" + "\n".join(f"- {f}" for f in found)
-        )
-    elif layout == 1:
-        text = (
-            f"Tally at {m['arrival']} terminal on {m['date']} by {m['inspector']}: " + "; ".join(found) + ". "
-            f"Seal checked: {m['seal_found']}."
-        )
-    else:
-        text = (
-            f"On discharge at {m['arrival']} ({m['date']}), {m['inspector']} found seal {m['seal_found']} "
-            "and counted " + ", ".join(found) + "."
-        )
     if rng.random() < 0.5:
-        text += f"\nRemarks: {rng.choice(REMARKS)}."
-    return text
+        return head + f"\nSurvey by {m['inspector']}, {m['date']}:\n" + "\n".join(f"- {n}" for n in notes)
+    return head + f" {m['inspector']} ({m['date']}): " + "; ".join(notes) + "."
 
 
 class ManifestTask(Task):
     name = "manifest"
     description = "Shipping-manifest discrepancy detection: declared cargo vs arrival inspection, JSON verdict."
     system_prompt = (
-        "Compare a shipping manifest with its arrival inspection. Reply with compact JSON only: "
+        "Code the findings of a cargo outturn report. Reply with compact JSON only: "
         '{"verdict":"ok","reasons":[]} if everything matches, else {"verdict":"discrepancy","reasons":[...]} with '
         "the sorted reasons that apply: port_mismatch (arrived at a port other than the discharge port), "
         "quantity_mismatch (a count differs), seal_mismatch (the seal number differs), undeclared_item (an item "
@@ -217,8 +262,6 @@ class ManifestTask(Task):
         products = self.pool("products", split)
         shipper, consignee = rng.sample(self.pool("companies", split), 2)
         pol, pod, other_port = rng.sample(self.pool("ports", split), 3)
-        seal = _seal(rng)
-        items = _declare(rng, products)
         m = {
             "ref": f"{rng.choice(['MNF', 'BL', 'SHP'])}-{rng.randint(10000, 99999)}",
             "shipper": shipper,
@@ -226,17 +269,15 @@ class ManifestTask(Task):
             "vessel": rng.choice(self.pool("vessels", split)),
             "pol": pol,
             "pod": pod,
+            "other_port": other_port,
             "container": _container(rng),
-            "seal": seal,
-            "items": items,
-            "arrival": other_port if "port_mismatch" in reasons else pod,
-            "seal_found": _other_seal(rng, seal) if "seal_mismatch" in reasons else seal,
-            "found": _inject(rng, reasons, items, products),
+            "seal": _seal(rng),
+            "items": _declare(rng, products),
+            "commas": rng.random() < 0.5,
             "date": f"{rng.randint(1, 28)} {rng.choice(MONTHS)}",
             "inspector": rng.choice(self.pool("inspectors", split)),
         }
-        user = _manifest_text(rng, m) + "\n" + _inspection_text(rng, m)
-        return user, answer(reasons)
+        return _report(rng, m, _notes(rng, reasons, m, products)), answer(reasons)
 
     def score(self, prediction: str, reference: str) -> float:
         """Half for the verdict, half for the F1 of the reason sets; a prediction that is not a JSON object: 0."""
