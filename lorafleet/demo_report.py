@@ -158,7 +158,16 @@ def _cost_table(results: dict, usd_per_hour: float) -> tuple[list[str], list[lis
 
 
 def _training_table(training: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    headers = ["adapter", "examples", "epochs", "trainable params", "share", "train time", "tokens/s", "final eval loss"]
+    headers = [
+        "adapter",
+        "examples",
+        "epochs",
+        "trainable params",
+        "share",
+        "train time",
+        "tokens/s",
+        "final eval loss",
+    ]
     rows = []
     for task, t in training.items():
         params, m = t.get("params") or {}, t.get("metrics") or {}
