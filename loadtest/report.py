@@ -265,13 +265,19 @@ def plot_latency_cdf(results: dict[str, Any], path: Path) -> bool:
                 drawn = True
     for ax, title in zip(axes, ("time to first token", "end-to-end latency"), strict=True):
         ax.set(title=title, xlabel="seconds", ylabel="fraction of requests")
+    _save(plt, fig, axes, path, legend=drawn)
+    return drawn
+
+
+def _save(plt, fig, axes, path: Path, legend: bool) -> None:
+    """The finish every report plot shares: light grid, small legend, tight layout, PNG at 100 dpi."""
+    for ax in axes:
         ax.grid(alpha=0.3)
-        if drawn:
+        if legend:
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return drawn
 
 
 def plot_throughput(results: dict[str, Any], path: Path) -> bool:
@@ -297,13 +303,7 @@ def plot_throughput(results: dict[str, Any], path: Path) -> bool:
     xlabel = "offered load (req/s)" if mode == "open" else "concurrency"
     ax1.set(title="output throughput (hollow: SLO missed)", xlabel=xlabel, ylabel="output tokens/s")
     ax2.set(title="TTFT p90 incl. client queue", xlabel=xlabel, ylabel="seconds")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, (ax1, ax2), path, legend=drawn)
     return drawn
 
 

@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
+
+from tests.serve.conftest import make_random_adapter
 
 pytestmark = pytest.mark.vllm
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def make_random_adapter(base_path, out_dir, seed: int = 0):
-    """A LoRA adapter with random (non-zero) A and B, so it must change the model's output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    peft_model = get_peft_model(model, cfg)
-    # PEFT's non-identity init is too gentle to move a greedy answer; make the update unmistakable.
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0.0, 0.2)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
 
 
 def test_base_and_lora_answers_differ(vllm_engine, smollm2_path, tmp_path):

@@ -22,6 +22,15 @@ def test_generated_serve_config_is_valid_and_adds_the_merged_adapter():
     assert set(curve) <= set(globex.models)
 
 
+def test_quick_adapters_live_apart_from_the_full_ones_under_the_same_names(tmp_path):
+    full, quick = parse_serve(serve_config(DemoPlan())), parse_serve(serve_config(DemoPlan.make(quick=True)))
+    assert {a.name: a.path for a in full.adapters}["manifest-merged"] == "manifest"
+    paths = {a.name: a.path for a in quick.adapters}
+    assert paths == {"manifest": "quick-manifest", "contract": "quick-contract", "drugs": "quick-drugs"}
+    bench = parse_bench(bench_config(DemoPlan.make(quick=True), "http://127.0.0.1:8080", tmp_path / "out"))
+    assert "manifest-merged" not in {t.name for t in bench.targets}  # no merged engine to measure in quick mode
+
+
 def test_models_option_renames_everything_consistently(tmp_path):
     small, big = tmp_path / "llama-8b", tmp_path / "llama-70b"
     plan = DemoPlan(small=str(small), generalist=str(big))
@@ -114,3 +123,14 @@ def test_demo_registered_in_cli_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "demo" in capsys.readouterr().out
+
+
+def test_adapter_key_ignores_how_a_run_is_watched_but_not_what_it_trains():
+    from lorafleet.demo import adapter_key
+    from train.config import load_config
+
+    base = {"base_model": "tiny-random-llama", "task": "contract", "n": 50}
+    key = adapter_key(load_config(None, base))
+    assert adapter_key(load_config(None, base | {"eval_every": 7, "progress": False})) == key
+    assert adapter_key(load_config(None, base | {"lr": 5e-4})) != key
+    assert adapter_key(load_config(None, base | {"n": 51})) != key
