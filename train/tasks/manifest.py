@@ -196,7 +196,7 @@ def _notes(rng: random.Random, reasons: list[str], m: dict, products: list[str])
             q2=q2,
             d=d,
             short_over="over" if q2 > item["qty"] else "short",
-        ),  # fmt: skip
+        ),
         *_finding(
             rng,
             reasons,
@@ -209,7 +209,7 @@ def _notes(rng: random.Random, reasons: list[str], m: dict, products: list[str])
             dkg=dkg,
             heavier_lighter="heavier" if kg2 > item["kg"] else "lighter",
             kg_other_format=_kg(item["kg"], not commas),
-        ),  # fmt: skip
+        ),
         *_finding(
             rng,
             reasons,
