@@ -1,0 +1,175 @@
+"""serve/cpu_lora.py: the CPU LoRA ops compute what vLLM's do (minus the wrong slot for -1), and the engine uses them."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from serve import cpu_lora
+from tests.serve.conftest import TARGETS
+
+SLOTS, RANK = 4, 16
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Row by row, in float64: x[t] @ w[idx[t]].T, zero for -1."""
+    w = w.squeeze(1).double()
+    rows = [
+        w[i] @ x[t].double() if i >= 0 else torch.zeros(w.shape[1], dtype=torch.float64)
+        for t, i in enumerate(idx.tolist())
+    ]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("tokens", [5, 64, 65, 300])  # both sides of ALL_SLOTS_MAX_TOKENS
+@pytest.mark.parametrize("layout", ["one", "mixed", "none"])
+def test_lora_matmul_matches_row_by_row_reference(tokens, layout):
+    g = torch.Generator().manual_seed(tokens)
+    x, w = torch.randn(tokens, 96, generator=g), torch.randn(SLOTS, 1, RANK, 96, generator=g)
+    idx = {"one": torch.full((tokens,), 2), "none": torch.full((tokens,), -1),
+           "mixed": torch.arange(tokens) % (SLOTS + 1) - 1}[layout]  # fmt: skip
+    got = cpu_lora.lora_matmul(x, w, idx, torch.float32)
+    assert torch.allclose(got.double(), reference(x, w, idx), atol=1e-4)
+    if layout == "none":
+        assert not got.any()  # no adapter: nothing added (vLLM's own op would add the last slot's)
+
+
+def _run_ops(impl: dict, x, a, b, idx) -> tuple[torch.Tensor, ...]:
+    """A shrink and both expands, called as vLLM's punica wrapper calls them."""
+    buf = torch.zeros(x.shape[0], RANK)
+    impl["bgmv_shrink"](x, a, buf, idx, 0.5)
+    y = torch.ones(x.shape[0], 100, dtype=torch.bfloat16)
+    impl["bgmv_expand_slice"](buf, b, y, idx, 10, 48, True)
+    z = torch.zeros(x.shape[0], 48, dtype=torch.bfloat16)
+    impl["bgmv_expand"](buf, b, z, idx, False)
+    return buf, y, z
+
+
+def test_ops_match_vllms_where_every_token_has_an_adapter():
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+
+    theirs = {n: cpu_lora._ORIGINAL.get(n, getattr(ops, n)) for n in cpu_lora.PATCHED}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 64, generator=g).to(torch.bfloat16)
+    a = torch.randn(SLOTS, 1, RANK, 64, generator=g).to(torch.bfloat16)
+    b = torch.randn(SLOTS, 1, 48, RANK, generator=g).to(torch.bfloat16)
+    idx = torch.arange(40) % SLOTS
+    mine, vllms = _run_ops(cpu_lora.PATCHED, x, a, b, idx), _run_ops(theirs, x, a, b, idx)
+    for m, v in zip(mine, vllms, strict=True):
+        assert torch.allclose(m.float(), v.float(), rtol=2e-2, atol=2e-2)
+    assert (mine[1][:, :10] == 1).all() and (mine[1][:, 58:] == 1).all()  # outside the slice untouched
+
+
+def test_register_installs_once_and_honours_the_off_switch(monkeypatch):
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    saved = {n: getattr(ops, n) for n in cpu_lora.PATCHED}
+    try:
+        monkeypatch.setenv(cpu_lora.ENV, "0")
+        cpu_lora.register()
+        assert ops.bgmv_shrink is saved["bgmv_shrink"] or ops.bgmv_shrink is cpu_lora.bgmv_shrink
+        monkeypatch.setenv(cpu_lora.ENV, "1")
+        cpu_lora.register()
+        assert ops.bgmv_shrink is cpu_lora.bgmv_shrink and punica_cpu.bgmv_expand is cpu_lora.bgmv_expand
+        assert cpu_lora.install() is False  # vLLM may load plugins more than once per process
+    finally:
+        for module in (ops, punica_cpu):
+            for n, fn in saved.items():
+                setattr(module, n, fn)
+
+
+def test_entry_point_is_registered_with_vllm():
+    from importlib.metadata import entry_points
+
+    assert "serve.cpu_lora:register" in [e.value for e in entry_points(group="vllm.general_plugins")]
+
+
+# --- through a real vLLM engine ---
+
+
+def small_adapter(base_path, out_dir, seed: int, std: float = 0.02):
+    """A LoRA adapter that changes the model clearly but keeps its outputs in a sane range."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, std)
+    peft.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_adapter(url: str, name: str, path) -> None:
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=120)
+    assert r.status_code == 200, r.text
+
+
+def prompt_logprobs(url: str, model: str, ids: list[int]) -> list[float]:
+    body = {"model": model, "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["logprobs"]["token_logprobs"][1 : len(ids)]
+
+
+def greedy(url: str, model: str, prompt: str, n: int = 24) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+@pytest.mark.vllm
+def test_engine_loads_the_plugin(vllm_engine):
+    assert "CPU LoRA ops from serve.cpu_lora installed" in vllm_engine.log_path.read_text(errors="replace")
+
+
+@pytest.mark.vllm
+def test_served_lora_matches_peft_in_transformers(vllm_engine, smollm2_path, tmp_path):
+    """Prefill through vLLM with the adapter gives the log-probs PEFT computes in float32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = small_adapter(smollm2_path, tmp_path / "fidelity", seed=7, std=0.05)
+    load_adapter(vllm_engine.spec.url, "fidelity", adapter)
+    text = (
+        "The shipment of 1,450 kg of coffee arrived in Rotterdam on 3 May; the seal was intact and the count matched."
+    )
+    ids = AutoTokenizer.from_pretrained(smollm2_path)(text)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    with torch.no_grad():
+        base_lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+        peft = PeftModel.from_pretrained(model, adapter)
+        lora_lp = torch.log_softmax(peft(torch.tensor([ids])).logits[0, :-1], -1)
+    nxt = torch.tensor(ids[1:]).unsqueeze(1)
+    want, base = lora_lp.gather(1, nxt).squeeze(1), base_lp.gather(1, nxt).squeeze(1)
+    got = torch.tensor(prompt_logprobs(vllm_engine.spec.url, "fidelity", ids))
+    err, effect = (got - want).abs().mean().item(), (want - base).abs().mean().item()
+    assert effect > 0.5, f"the adapter barely changes the model ({effect:.3f}); the comparison would prove nothing"
+    assert err < effect / 5, (
+        f"vLLM LoRA log-probs differ from PEFT's by {err:.3f} on average (adapter effect {effect:.3f})"
+    )
+
+
+@pytest.mark.vllm
+def test_base_requests_stay_base_when_every_slot_holds_an_adapter(vllm_engine, smollm2_path, tmp_path):
+    """vLLM's own CPU ops gave base-model tokens the last slot's adapter once all --max-loras slots were used."""
+    url, base = vllm_engine.spec.url, "smollm2-135m-instruct"
+    prompt = "List three ports in northern Europe:"
+    before = greedy(url, base, prompt)
+    for i in range(vllm_engine.spec.max_loras):
+        load_adapter(url, f"slot-{i}", small_adapter(smollm2_path, tmp_path / f"slot-{i}", seed=100 + i, std=0.05))
+        greedy(url, f"slot-{i}", prompt, n=2)  # takes a slot
+    with ThreadPoolExecutor(8) as pool:  # base requests batched with requests of every adapter
+        adapters = [pool.submit(greedy, url, f"slot-{i}", prompt, 48) for i in range(vllm_engine.spec.max_loras)]
+        mixed = [pool.submit(greedy, url, base, prompt) for _ in range(2)]
+        [f.result() for f in adapters]
+        after = [f.result() for f in mixed] + [greedy(url, base, prompt)]
+    assert after == [before] * 3
