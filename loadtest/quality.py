@@ -37,6 +37,8 @@ def _request(target: Target, ev: Eval, task: Any, item: dict, shots: list[dict],
     model = ev.model or target.model
     if ev.mode == "few_shot_completion":
         body = {"model": model, "prompt": task.few_shot_prompt(user["content"], ev.k)}
+        if getattr(task, "few_shot_stop", None):
+            body["stop"] = list(task.few_shot_stop)
         url = f"{target.base_url}/completions"
     else:
         head = [] if shots and shots[0]["role"] == "system" else ([system] if system else [])

@@ -108,10 +108,20 @@ def claims(acc: list[dict], results: dict, training: dict[str, dict]) -> list[st
     if shares:
         verdict = "HOLDS" if max(shares) < PARAM_SHARE else "DOES NOT HOLD"
         out.append(
-            f"LoRA trains {100 * max(shares):.2f} % of the parameters at most (r=8, all linear layers); "
+            f"LoRA trains {100 * max(shares):.2f} % of the parameters at most ({_lora_shape(training)}); "
             f"the claim of under {100 * PARAM_SHARE:.0f} % {verdict}."
         )
     return out
+
+
+def _lora_shape(training: dict) -> str:
+    """'r=16 on the top 15 layers' from the adapters' recorded configs (all the same in the demo)."""
+    shapes = set()
+    for t in training.values():
+        cfg = t.get("config") or {}
+        where = f"the top {cfg['top_layers']} layers" if cfg.get("top_layers") else "every layer"
+        shapes.add(f"r={cfg.get('r', '?')} on {where}")
+    return ", ".join(sorted(shapes))
 
 
 def _accuracy_table(acc: list[dict]) -> tuple[list[str], list[list[str]]]:

@@ -236,6 +236,17 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted(names - {"lm_head"})
 
 
+def top_layers(model: torch.nn.Module, n: int) -> list[int] | None:
+    """PEFT's layers_to_transform for the top n decoder layers (None: all). Nothing below them has trainable
+    weights, so autograd stops there: the backward pass, twice the forward's cost, shrinks to those layers."""
+    total = model.config.num_hidden_layers
+    if n == 0 or n == total:
+        return None
+    if n > total:
+        raise TrainError(f"top_layers={n} but {model.config.model_type} has {total} layers: use 1..{total} or 0 (all)")
+    return list(range(total - n, total))
+
+
 def build_model(cfg: TrainConfig, base_path: Path, bf16: bool):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -258,6 +269,7 @@ def build_model(cfg: TrainConfig, base_path: Path, bf16: bool):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
+        layers_to_transform=top_layers(base, cfg.top_layers),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -34,6 +34,7 @@ class FakeTask:
 
     name = "echo"
     system_prompt = "Answer with the code."
+    few_shot_stop = ("\nInput:",)
 
     def generate(self, n: int, split: str, seed: int) -> list[dict]:
         base = 1000 if split == "train" else 0

@@ -48,6 +48,7 @@ def test_requests_are_greedy_and_shaped_per_mode(fake):
     assert [m["role"] for m in few[0]["messages"]] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert few[0]["messages"][1]["content"] == "item 1000"  # the examples come from the task's train split
     assert "messages" not in completion[0] and completion[0]["prompt"].count("Input:") == 4
+    assert completion[0]["stop"] == ["\nInput:"] and "stop" not in zero[0]  # no tokens spent on the next example
     assert completion[0]["model"] == "base-model"  # default: the target's model
 
 

@@ -80,13 +80,14 @@ def _results(lora_acc: float, gen_acc: float, lora_cost: float, gen_cost: float)
 )
 def test_claims_say_plainly_whether_each_holds(lora_acc, gen_acc, lora_cost, accuracy_verdict, cost_verdict):
     results = _results(lora_acc, gen_acc, lora_cost, gen_cost=1.0)
-    training = {t: {"params": {"trainable": 2_442_240, "share": 0.0178}} for t, _ in TENANTS.values()}
+    training = {t: {"params": {"trainable": 2_442_240, "share": 0.0178}, "config": {"r": 16, "top_layers": 15}}
+                for t, _ in TENANTS.values()}  # fmt: skip
     lines = claims(accuracy_rows(results, {n: t for n, (t, _) in TENANTS.items()}), results, training)
     acc_lines = [line for line in lines if line.startswith("Accuracy")]
     assert len(acc_lines) == 3 and all(accuracy_verdict in line for line in acc_lines)
     lora_line = next(line for line in lines if line.startswith("Cost (LoRA"))
     assert f"{lora_cost:.2f}x" in lora_line and lora_line.endswith(f"{cost_verdict}.")
-    assert any("1.78 %" in line and "HOLDS" in line for line in lines)
+    assert any("1.78 %" in line and "r=16 on the top 15 layers" in line and "HOLDS" in line for line in lines)
 
 
 def test_report_files_written(tmp_path):

@@ -91,14 +91,15 @@ def test_entry_point_is_registered_with_vllm():
 # --- through a real vLLM engine ---
 
 
-def small_adapter(base_path, out_dir, seed: int, std: float = 0.02):
+def small_adapter(base_path, out_dir, seed: int, std: float = 0.02, layers: list[int] | None = None):
     """A LoRA adapter that changes the model clearly but keeps its outputs in a sane range."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, layers_to_transform=layers, init_lora_weights=False)
+    peft = get_peft_model(model, lora)
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_" in name:
@@ -132,13 +133,15 @@ def test_engine_loads_the_plugin(vllm_engine):
 
 
 @pytest.mark.vllm
-def test_served_lora_matches_peft_in_transformers(vllm_engine, smollm2_path, tmp_path):
-    """Prefill through vLLM with the adapter gives the log-probs PEFT computes in float32."""
+@pytest.mark.parametrize("layers", [None, list(range(15, 30))], ids=["every-layer", "top-15-layers"])
+def test_served_lora_matches_peft_in_transformers(vllm_engine, smollm2_path, tmp_path, layers):
+    """Prefill through vLLM with the adapter gives the log-probs PEFT computes in float32 (top_layers adapters too)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter = small_adapter(smollm2_path, tmp_path / "fidelity", seed=7, std=0.05)
-    load_adapter(vllm_engine.spec.url, "fidelity", adapter)
+    name = f"fidelity-{len(layers or [])}"
+    adapter = small_adapter(smollm2_path, tmp_path / name, seed=7, std=0.05, layers=layers)
+    load_adapter(vllm_engine.spec.url, name, adapter)
     text = (
         "The shipment of 1,450 kg of coffee arrived in Rotterdam on 3 May; the seal was intact and the count matched."
     )
@@ -150,7 +153,7 @@ def test_served_lora_matches_peft_in_transformers(vllm_engine, smollm2_path, tmp
         lora_lp = torch.log_softmax(peft(torch.tensor([ids])).logits[0, :-1], -1)
     nxt = torch.tensor(ids[1:]).unsqueeze(1)
     want, base = lora_lp.gather(1, nxt).squeeze(1), base_lp.gather(1, nxt).squeeze(1)
-    got = torch.tensor(prompt_logprobs(vllm_engine.spec.url, "fidelity", ids))
+    got = torch.tensor(prompt_logprobs(vllm_engine.spec.url, name, ids))
     err, effect = (got - want).abs().mean().item(), (want - base).abs().mean().item()
     assert effect > 0.5, f"the adapter barely changes the model ({effect:.3f}); the comparison would prove nothing"
     assert err < effect / 5, (

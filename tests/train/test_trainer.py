@@ -335,6 +335,21 @@ def test_overrides_are_coerced_to_the_field_types(tmp_path):
     assert cfg.base_model == "tiny-random-llama"  # from the YAML file
 
 
+def test_top_layers_adapts_only_the_top_layers_and_stays_servable(tmp_path, data_file):
+    run = setup(tiny(tmp_path, data_file, top_layers=1), log=lambda _: None)
+    top = run.model.get_base_model().config.num_hidden_layers - 1
+    trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
+    assert trainable and all(f".layers.{top}." in n for n in trainable), trainable
+    out = run.fit()
+    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [top]
+    assert validate_adapter(out, base_model="tiny-random-llama") == []
+
+
+def test_top_layers_beyond_the_model_is_refused(tmp_path, data_file):
+    with pytest.raises(TrainError, match=r"top_layers=99 but llama has \d+ layers"):
+        setup(tiny(tmp_path, data_file, top_layers=99), log=lambda _: None)
+
+
 def test_unservable_target_module_fails_before_training(tmp_path, data_file):
     with pytest.raises(TrainError, match=r"target_modules \['lm_head'\] cannot be served by vLLM"):
         setup(tiny(tmp_path, data_file, target_modules="q_proj,lm_head"), log=lambda _: None)

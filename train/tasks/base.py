@@ -60,6 +60,9 @@ class Task:
     system_prompt: ClassVar[str]
     # Entity pools (names, ports, ...); each split draws from its own half, see `pool`.
     pools: ClassVar[dict[str, list[str]]] = {}
+    # Where a base model's completion of `few_shot_prompt` stops being the answer: it goes on to invent the next
+    # example. Sent as `stop`, so the server does not generate the rest (extract_answer cuts the same place).
+    few_shot_stop: ClassVar[tuple[str, ...]] = ("\nInput:",)
 
     def make_example(self, rng: random.Random, split: Split) -> tuple[str, str]:
         """One (user input, exact canonical answer), drawn with `rng` from the split's entities."""
