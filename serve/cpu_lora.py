@@ -6,8 +6,8 @@ per projection. Here each adapter slot present in the batch does one matmul over
 arithmetic is the same, the copies are gone (`python -m serve.cpu_lora` measures both).
 
 It also mends the slot of tokens without an adapter: vLLM marks them -1, which the gather reads as the *last*
-slot, so base-model requests got that slot's adapter whenever all `--max-loras` slots were in use. Here -1 adds
-nothing, as in vLLM's GPU kernels.
+slot, so a base-model request batched beside adapter requests got the last slot's adapter once that slot held one
+(tests/serve/test_cpu_lora.py shows it). Here -1 adds nothing, as in vLLM's GPU kernels.
 
 Off with LORAFLEET_CPU_LORA=0 (vLLM's own ops then run, e.g. to compare).
 """
@@ -66,14 +66,14 @@ def lora_matmul(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, dtype: torc
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
     if inputs.shape[0] != lora_indices_tensor.shape[0]:  # a shape vLLM's einsum broadcasts: keep its own op
-        return _ORIGINAL["bgmv_shrink"](inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
+        return _vllm_op("bgmv_shrink")(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
     outputs = lora_matmul(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
     if inputs.shape[0] != lora_indices_tensor.shape[0]:
-        return _ORIGINAL["bgmv_expand"](inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
+        return _vllm_op("bgmv_expand")(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
     outputs = lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     # the same row limit and padding rules as vLLM's op
     limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
@@ -88,7 +88,7 @@ def bgmv_expand_slice(
     inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int, add_inputs=True
 ):
     if inputs.shape[0] != lora_indices_tensor.shape[0]:
-        return _ORIGINAL["bgmv_expand_slice"](
+        return _vllm_op("bgmv_expand_slice")(
             inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size, add_inputs
         )
     outputs = lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
@@ -96,6 +96,12 @@ def bgmv_expand_slice(
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
     else:
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
+
+
+def _vllm_op(name: str):
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+
+    return _ORIGINAL.get(name) or getattr(ops, name)
 
 
 PATCHED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}

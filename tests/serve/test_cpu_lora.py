@@ -63,6 +63,18 @@ def test_ops_match_vllms_where_every_token_has_an_adapter():
     assert (mine[1][:, :10] == 1).all() and (mine[1][:, 58:] == 1).all()  # outside the slice untouched
 
 
+def test_shapes_vllms_einsum_broadcasts_fall_back_to_its_op():
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+
+    g = torch.Generator().manual_seed(1)
+    x, b = torch.randn(1, RANK, generator=g), torch.randn(SLOTS, 1, 48, RANK, generator=g)
+    idx = torch.tensor([0, 1, 2])
+    mine, vllms = torch.zeros(3, 48), torch.zeros(3, 48)
+    cpu_lora.bgmv_expand(x, b, mine, idx, False)
+    cpu_lora._ORIGINAL.get("bgmv_expand", ops.bgmv_expand)(x, b, vllms, idx, False)
+    assert torch.equal(mine, vllms) and mine.any()
+
+
 def test_register_installs_once_and_honours_the_off_switch(monkeypatch):
     import vllm.lora.ops.torch_ops.lora_ops as ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
