@@ -11,6 +11,8 @@ Variants (each in its own process, so peak RSS is its own):
   ours-no-prefix-sharing  ours running every row's copy of the shared prefix (shows what sharing is worth)
   ours-full-logits  ours with the LM head at every position (shows what the sparse LM head is worth)
   ours-fp32         ours without bf16 (shows what bf16 is worth)
+  ours-top-half     ours with r=16 on the top half of the layers (the built-in configs' shape): the same
+                    trainable-parameter count as r=8 everywhere, but the backward pass stops half way
 Throughput counts real (non-pad) tokens only, per wall second and per CPU-second (all threads; steadier when
 other processes share the machine). Rounds alternate the variants and the best round of each is reported.
 """
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("baseline", "ours", "ours-no-prefix-sharing", "ours-full-logits", "ours-fp32")
+VARIANTS = ("baseline", "ours", "ours-no-prefix-sharing", "ours-full-logits", "ours-fp32", "ours-top-half")
 DEFAULT_VARIANTS = ("baseline", "ours", "ours-no-prefix-sharing")
 RESULT_TAG = "BENCH_RESULT "
 
@@ -55,6 +57,14 @@ def _config(spec: dict[str, Any], out: str, **extra: Any):
     )
 
 
+def _depth(model: str) -> int:
+    from transformers import AutoConfig
+
+    from train.models import ensure
+
+    return AutoConfig.from_pretrained(ensure(model)).num_hidden_layers
+
+
 def run_ours(spec: dict[str, Any], variant: str) -> dict[str, Any]:
     from train.trainer import REPORT_FILE, train
 
@@ -63,6 +73,8 @@ def run_ours(spec: dict[str, Any], variant: str) -> dict[str, Any]:
         "share_prefix": variant != "ours-no-prefix-sharing",
         "bf16": "false" if variant == "ours-fp32" else "auto",
     }
+    if variant == "ours-top-half":
+        extra |= {"r": 16, "alpha": 32, "top_layers": _depth(spec["model"]) // 2}
     with tempfile.TemporaryDirectory() as tmp:
         out = train(_config(spec, tmp, **extra), log=lambda _: None)
         m = json.loads((out / REPORT_FILE).read_text())["metrics"]

@@ -6,7 +6,7 @@ import pytest
 
 from loadtest.config import parse_config as parse_bench
 from lorafleet.cli import main
-from lorafleet.demo import TENANTS, DemoPlan, bench_config, serve_config
+from lorafleet.demo import TENANTS, DemoPlan, bench_config, on_gpu, serve_config
 from lorafleet.demo_report import accuracy_rows, claims, curve_points, write_demo_report
 from serve.config import parse_config as parse_serve
 
@@ -20,6 +20,9 @@ def test_generated_serve_config_is_valid_and_adds_the_merged_adapter():
     assert "manifest-merged" in acme.models and "contract" not in acme.models
     globex = next(t for t in cfg.tenants if t.name == "globex")
     assert set(curve) <= set(globex.models)
+    # on CPU every engine skips the torch.compile warm-up, so all are measured eager like the LoRA engine
+    want = ["--gpu-memory-utilization", "0.28"] if on_gpu() else ["--optimization-level", "0"]
+    assert all(e.extra_args == want for e in cfg.engines)
 
 
 def test_quick_adapters_live_apart_from_the_full_ones_under_the_same_names(tmp_path):
