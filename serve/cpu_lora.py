@@ -161,8 +161,6 @@ def _forward_lora(ops: dict, x_by_in: dict, weights: list, idx: torch.Tensor, la
 def _bench_case(tokens: int, adapters: int, layers: int, rank: int, slots: int) -> tuple[float, float, float]:
     import time
 
-    import vllm.lora.ops.torch_ops.lora_ops as ops
-
     g = torch.Generator().manual_seed(0)
     bf = torch.bfloat16
     weights = [
@@ -178,7 +176,7 @@ def _bench_case(tokens: int, adapters: int, layers: int, rank: int, slots: int) 
     if adapters > 1:
         idx[::4] = -1
         idx[idx == -1] = slots - 1  # vLLM's ops read -1 as the last slot; compare on the slot they really use
-    theirs = {n: getattr(ops, n) if ops.bgmv_shrink is not bgmv_shrink else _ORIGINAL[n] for n in PATCHED}
+    theirs = {n: _vllm_op(n) for n in PATCHED}
     timings = []
     for impl in (theirs, PATCHED):
         _forward_lora(impl, x_by_in, weights, idx, 1)  # warm-up
