@@ -4,7 +4,6 @@ import collections
 import json
 import re
 import statistics
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,6 @@ from train.tasks.drugs import DRUGS, INTERACTIONS, pairs_in
 from train.tasks.manifest import PORTS, PRODUCTS, REASONS
 
 NAMES = ["manifest", "contract", "drugs"]
-SMOLLM2 = Path("/work/main/models/smollm2-135m-instruct")
 
 
 def _users(task: Task, split: str, n: int = 200, seed: int = 0) -> list[str]:
@@ -288,12 +286,10 @@ def test_extract_answer(completion, expected):
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    if not SMOLLM2.exists():
-        pytest.skip("SmolLM2 not imported: run `lorafleet models pull`")
+def smollm2_tokenizer(smollm2_path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(SMOLLM2))
+    return AutoTokenizer.from_pretrained(str(smollm2_path))
 
 
 @pytest.mark.slow  # importing transformers takes seconds
