@@ -17,9 +17,10 @@ from typing import Any
 import httpx
 
 from loadtest.config import Target
+from lorafleet.core.errors import UserError
 
 
-class PreflightError(Exception):
+class PreflightError(UserError):
     """One or more targets are unreachable or misconfigured; the message names each one."""
 
 

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lorafleet.core.errors import UserError
+
 # (summary key, label, higher is better)
 LOAD_METRICS = [
     ("output_tok_per_s", "output tok/s", True),
@@ -22,7 +24,7 @@ LOAD_METRICS = [
 ]
 
 
-class CompareError(Exception):
+class CompareError(UserError):
     pass
 
 

@@ -13,9 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(Exception):
-    """The config file or an override is invalid; the message names the field."""
+from lorafleet.core.errors import ConfigError  # noqa: F401  (re-exported: callers catch it from here)
 
 
 class _Strict(BaseModel):

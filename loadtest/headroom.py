@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,11 @@ import httpx
 
 from loadtest.config import parse_config
 from loadtest.metrics import BenchMetrics
+from loadtest.run import run_async
 from loadtest.runner import BenchState, run_bench
+from lorafleet.core.net import free_port
 
 GOAL_REQ_PER_S = 500.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_fake(port: int) -> subprocess.Popen:
@@ -48,7 +43,6 @@ def start_fake(port: int) -> subprocess.Popen:
 
 def measure(base_url: str, load: dict, seconds: float) -> dict:
     """One load step against the fake; returns its step summary."""
-    from loadtest.cli import run_async
 
     cfg = parse_config(
         {
@@ -62,7 +56,7 @@ def measure(base_url: str, load: dict, seconds: float) -> dict:
 
 
 def headroom(seconds: float = 10.0, concurrency: int = 64, rate: float = GOAL_REQ_PER_S) -> dict:
-    port = _free_port()
+    port = free_port()
     proc = start_fake(port)
     try:
         url = f"http://127.0.0.1:{port}/v1"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.runner import BenchState
-from lorafleet.blocks import to_html, to_markdown
+from lorafleet.core.blocks import to_html, to_markdown
 
 ROW_KEYS = (
     "target model load slo_met req_per_s output_tok_per_s ttft_p50_s ttft_p90_s ttft_p99_s itl_p50_s e2e_p50_s "

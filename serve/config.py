@@ -15,14 +15,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lorafleet.core.errors import ConfigError  # noqa: F401  (re-exported: callers catch it from here)
+from lorafleet.core.vllm import LORA_RANKS
+
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_CONFIG = "default.yaml"
-
-
-class ConfigError(ValueError):
-    """The config is wrong; the message lists every problem, each naming its field."""
 
 
 class _Strict(BaseModel):
@@ -70,7 +68,7 @@ class EngineConfig(_Strict):
     replicas: int = Field(1, gt=0, le=16, description="vLLM processes serving this model")
     urls: list[str] = Field([], description="engines already running elsewhere: route to these, start nothing")
     enable_lora: bool = True
-    max_lora_rank: int = Field(16, description=f"vLLM --max-lora-rank, one of {VLLM_LORA_RANKS}")
+    max_lora_rank: int = Field(16, description=f"vLLM --max-lora-rank, one of {LORA_RANKS}")
     max_loras: int = Field(4, gt=0, description="distinct adapters in one batch (vLLM --max-loras)")
     max_cpu_loras: int | None = Field(None, gt=0, description="adapters cached in RAM; default max(max_loras, 8)")
     max_model_len: int = Field(2048, gt=0)
@@ -81,8 +79,8 @@ class EngineConfig(_Strict):
     @field_validator("max_lora_rank")
     @classmethod
     def _rank(cls, v: int) -> int:
-        if v not in VLLM_LORA_RANKS:
-            raise ValueError(f"must be one of {VLLM_LORA_RANKS} (vLLM refuses other ranks), got {v}")
+        if v not in LORA_RANKS:
+            raise ValueError(f"must be one of {LORA_RANKS} (vLLM refuses other ranks), got {v}")
         return v
 
     @field_validator("urls")
@@ -279,3 +277,8 @@ def load_config(path: str | Path | None = None) -> ServeConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML ({e})") from None
     return parse_config(data, source)
+
+
+def merged_group(adapter: str) -> str:
+    """The engine (and model folder) name of an adapter served `mode: merged`."""
+    return f"merged-{adapter}"

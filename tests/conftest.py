@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
+from lorafleet.core.net import free_port  # noqa: F401  (tests import it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(model_id: str) -> Path:
@@ -37,7 +32,7 @@ def tiny_model_path() -> Path:
 @pytest.fixture(scope="session")
 def vllm_engine(smollm2_path, tmp_path_factory):
     """One real vLLM (CPU) engine serving SmolLM2 with LoRA enabled and runtime adapter loading on."""
-    from serve.engine import Engine, EngineSpec
+    from serve.engines.engine import Engine, EngineSpec
 
     log = tmp_path_factory.mktemp("vllm") / "engine.log"
     spec = EngineSpec(name="smollm2", model=smollm2_path, port=free_port(), served_name="smollm2-135m-instruct")
@@ -57,9 +52,9 @@ LIVE_ADAPTERS = {"acme": "live-acme", "globex": "live-globex"}
 @pytest.fixture(scope="session")
 def live_gateway(vllm_engine, smollm2_path, tmp_path_factory):
     """The real gateway over the shared vLLM engine: two tenants, each with its own random LoRA adapter."""
-    from serve.app import ServerThread, create_app
     from serve.config import parse_config
-    from serve.tenants import hash_key
+    from serve.gateway.app import ServerThread, create_app
+    from serve.gateway.tenants import hash_key
     from tests.serve.conftest import make_random_adapter
 
     root = tmp_path_factory.mktemp("live-adapters")

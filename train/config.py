@@ -14,13 +14,10 @@ from typing import Any
 
 import yaml
 
-# vLLM only serves ranks up to --max-lora-rank, which must itself be one of these (vllm/config/lora.py).
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from lorafleet.core.errors import ConfigError  # noqa: F401  (re-exported: callers catch it from here)
+from lorafleet.core.vllm import LORA_RANKS
+
 CONFIGS_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the field and what it accepts."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -43,7 +40,7 @@ class TrainConfig:
     output_dir: str = _f("", "where the adapter goes; default adapters/<name>")
     seed: int = _f(0, "seeds data order, task generation and LoRA init")
     # the adapter
-    r: int = _f(8, f"LoRA rank; vLLM serves {VLLM_RANKS} up to `max_serving_rank`")
+    r: int = _f(8, f"LoRA rank; vLLM serves {LORA_RANKS} up to `max_serving_rank`")
     alpha: int = _f(16, "LoRA alpha; the update is scaled by alpha / r (alpha = 2r is common)")
     dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: list[str] = _f([], "module names to adapt; empty = every nn.Linear except lm_head")
@@ -91,10 +88,10 @@ class TrainConfig:
         _choice(self, "overlong", ("skip", "truncate"))
 
     def _check_adapter(self) -> None:
-        if self.r not in VLLM_RANKS:
-            raise ConfigError(f"r={self.r} cannot be served by vLLM: use one of {', '.join(map(str, VLLM_RANKS))}")
-        if self.max_serving_rank not in VLLM_RANKS:
-            raise ConfigError(f"max_serving_rank must be one of {', '.join(map(str, VLLM_RANKS))}")
+        if self.r not in LORA_RANKS:
+            raise ConfigError(f"r={self.r} cannot be served by vLLM: use one of {', '.join(map(str, LORA_RANKS))}")
+        if self.max_serving_rank not in LORA_RANKS:
+            raise ConfigError(f"max_serving_rank must be one of {', '.join(map(str, LORA_RANKS))}")
         if self.r > self.max_serving_rank:
             raise ConfigError(
                 f"r={self.r} is greater than max_serving_rank={self.max_serving_rank}: vLLM would refuse the adapter; "

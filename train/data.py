@@ -16,13 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lorafleet.core.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 
 Message = dict[str, str]
 Conversation = list[Message]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset cannot be used; the message names the file and line and says what is wrong."""
 
 

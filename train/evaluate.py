@@ -155,7 +155,7 @@ def learning_curve(
 ) -> dict[str, Any]:
     """Train one adapter per training-set size and score each (and the base, size 0) on the same eval split.
     Writes curve.json and curve.png under runs/curve-<task>-<timestamp>/ (or `out_dir`)."""
-    from lorafleet.paths import runs_dir
+    from lorafleet.core.paths import runs_dir
     from train.trainer import train
 
     out = out_dir or runs_dir() / f"curve-{task}-{time.strftime('%Y%m%d-%H%M%S')}"

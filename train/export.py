@@ -13,33 +13,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from train.config import VLLM_RANKS
+from lorafleet.core.errors import UserError
+from lorafleet.core.vllm import BASE_CHANGING_INITS, LORA_RANKS, supported_modules
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MERGE_FILE = "lorafleet_merge.json"
-# vLLM packs q/k/v into qkv_proj and gate/up into gate_up_proj (packed_modules_mapping in
-# vllm/model_executor/models/{llama,gemma3}.py) and adapts every linear layer; an adapter names the HF modules.
-LLAMA_STYLE = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
-SUPPORTED = {
-    "LlamaForCausalLM": LLAMA_STYLE,
-    "Gemma3ForCausalLM": LLAMA_STYLE,
-    "MistralForCausalLM": LLAMA_STYLE,
-    "Qwen2ForCausalLM": LLAMA_STYLE,
-    "Qwen3ForCausalLM": LLAMA_STYLE,
-}
-# PEFT initialisations that rewrite the base weights; vLLM refuses them (peft_helper._init_is_supported).
-BASE_CHANGING_INITS = {"pissa", "olora", "corda", "loftq"}
 MAX_LISTED = 6
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<ab>lora_A|lora_B)\.weight$")
 
 
-class AdapterError(Exception):
+class AdapterError(UserError):
     """The adapter would be refused by vLLM or does not fit its base; the message lists every problem."""
-
-
-def supported_modules(architecture: str) -> frozenset[str]:
-    return SUPPORTED.get(architecture, LLAMA_STYLE)
 
 
 def _read_config(adapter: Path, problems: list[str]) -> dict | None:
@@ -67,8 +52,8 @@ def _config_problems(cfg: dict, max_rank: int) -> list[str]:
             out.append(f"{CONFIG_FILE} lacks the required field {key!r}")
     ranks = [cfg.get("r"), *(cfg.get("rank_pattern") or {}).values()]
     for r in ranks:
-        if r not in VLLM_RANKS:
-            out.append(f"rank r={r!r} is not one vLLM serves: use one of {', '.join(map(str, VLLM_RANKS))}")
+        if r not in LORA_RANKS:
+            out.append(f"rank r={r!r} is not one vLLM serves: use one of {', '.join(map(str, LORA_RANKS))}")
         elif r > max_rank:
             out.append(f"rank r={r} is greater than the server's max LoRA rank {max_rank}")
     if cfg.get("modules_to_save"):

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.paths import models_dir
+from lorafleet.core.errors import UserError
+from lorafleet.core.paths import models_dir
 
 # A plain English paragraph; converted models must find it unsurprising.
 PPL_TEXT = (
@@ -31,7 +32,7 @@ QUESTION = "What is the capital of France?"
 META_FILE = "lorafleet.json"
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model could not be imported, found or loaded; the message says what to do."""
 
 

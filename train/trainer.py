@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lorafleet.core.errors import UserError
 from train.config import TrainConfig
 
 IGNORE = -100
@@ -38,7 +39,7 @@ REPORT_FILE = "lorafleet_train.json"
 RESUME_FREE = {"resume", "progress", "threads", "eval_every", "save_every", "keep_checkpoints"}
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """Training cannot start or finish; the message says what to fix."""
 
 
@@ -464,7 +465,7 @@ def resolve_base(cfg: TrainConfig) -> tuple[Path, str]:
 
 
 def output_dir(cfg: TrainConfig) -> Path:
-    from lorafleet.paths import adapters_dir
+    from lorafleet.core.paths import adapters_dir
 
     return Path(cfg.output_dir) if cfg.output_dir else adapters_dir() / cfg.run_name
 

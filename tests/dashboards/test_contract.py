@@ -1,6 +1,6 @@
 """The fakes export exactly what the real exporters do, and the dashboards ask only for series that exist.
 
-If serve/metrics.py, loadtest/metrics.py or vLLM rename a metric or a label, these fail before any dashboard goes
+If serve/gateway/metrics.py, loadtest/metrics.py or vLLM rename a metric or a label, these fail before any dashboard goes
 blank in production.
 """
 
@@ -26,7 +26,7 @@ def schema(obj: object) -> dict[str, tuple[str, tuple[str, ...]]]:
 
 
 def test_fake_gateway_matches_serve_metrics():
-    from serve.metrics import Metrics
+    from serve.gateway.metrics import Metrics
 
     assert schema(fake_exporters.GatewayMetrics()) == schema(Metrics())
 

@@ -43,7 +43,7 @@ def test_unloadable_model_folder_is_reported_with_reason(tiny_model_path, tmp_pa
     """A folder vLLM cannot load fails fast with the engine's own reason, not a hang."""
     import shutil
 
-    from serve.engine import Engine, EngineError, EngineSpec
+    from serve.engines.engine import Engine, EngineError, EngineSpec
     from tests.conftest import free_port
 
     broken = tmp_path / "broken"

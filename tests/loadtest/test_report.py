@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtest.cli import run_and_report
 from loadtest.fake_openai import FakeServer, FakeSettings
 from lorafleet.cli import main
+from lorafleet.cli.bench import run_and_report
 
 from .conftest import MODELS, answer_three_of_four, fake_get_task, make_config
 

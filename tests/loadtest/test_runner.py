@@ -9,10 +9,10 @@ import time
 import httpx
 import pytest
 
-from loadtest.cli import run_and_report
 from loadtest.client import PreflightError
 from loadtest.metrics import BenchMetrics
 from loadtest.runner import BenchState, finalize, run_bench
+from lorafleet.cli.bench import run_and_report
 
 from .conftest import fake_get_task, make_config
 

@@ -6,8 +6,8 @@ import pytest
 
 from loadtest.config import parse_config as parse_bench
 from lorafleet.cli import main
-from lorafleet.demo import TENANTS, DemoPlan, bench_config, on_gpu, serve_config
-from lorafleet.demo_report import accuracy_rows, claims, curve_points, write_demo_report
+from lorafleet.demo.report import accuracy_rows, claims, curve_points, write_demo_report
+from lorafleet.demo.run import TENANTS, DemoPlan, bench_config, on_gpu, serve_config
 from serve.config import parse_config as parse_serve
 
 
@@ -97,7 +97,15 @@ def test_report_files_written(tmp_path):
     results = _results(0.9, 0.5, 0.5, 1.0)
     training = {t: {"config": {"n": 600}, "params": {"trainable": 1, "share": 0.01}, "metrics": {}}
                 for t, _ in TENANTS.values()}  # fmt: skip
-    summary = write_demo_report(tmp_path, DemoPlan(), training, {}, results, {"train adapters": 12.0})
+    summary = write_demo_report(
+        tmp_path,
+        DemoPlan(),
+        {"acme": "manifest", "globex": "contract", "initech": "drugs"},
+        training,
+        {},
+        results,
+        {"train adapters": 12.0},
+    )
     assert "HOLDS" in summary
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     md = (tmp_path / "report.md").read_text()
@@ -130,7 +138,7 @@ def test_demo_registered_in_cli_help(capsys):
 
 
 def test_adapter_key_ignores_how_a_run_is_watched_but_not_what_it_trains():
-    from lorafleet.demo import adapter_key
+    from lorafleet.demo.run import adapter_key
     from train.config import load_config
 
     base = {"base_model": "tiny-random-llama", "task": "contract", "n": 50}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from serve.config import ServeConfig, parse_config
-from serve.tenants import hash_key
+from serve.gateway.tenants import hash_key
 from tests.conftest import MODELS, free_port
 from tests.serve.fake_engine import FakeEngine
 

@@ -18,8 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from serve.app import ServerThread
-from serve.protocol import ChatCompletionRequest, CompletionRequest
+from serve.gateway.app import ServerThread
+from serve.gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 Fault = Literal[
     "none",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from serve.app import ServerThread, create_app
+from serve.gateway.app import ServerThread, create_app
 from tests.conftest import LIVE_ADAPTERS, free_port
 from tests.serve.conftest import ADMIN_KEY, KEYS, config, metric, tenant
 from tests.serve.fake_engine import wait_for

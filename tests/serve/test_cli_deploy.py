@@ -5,9 +5,9 @@ import pytest
 import yaml
 
 from lorafleet.cli import main
-from serve import deploy
-from serve.app import ServerThread, create_app
-from serve.tenants import hash_key
+from serve.engines import deploy
+from serve.gateway.app import ServerThread, create_app
+from serve.gateway.tenants import hash_key
 from tests.conftest import MODELS, free_port
 from tests.serve.conftest import KEYS, config, scrape, tenant
 from tests.serve.fake_engine import FakeEngine

@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from serve.config import ConfigError, load_config, parse_config
-from serve.tenants import hash_key
+from serve.gateway.tenants import hash_key
 
 H1, H2 = hash_key("k1"), hash_key("k2")
 GOOD = {

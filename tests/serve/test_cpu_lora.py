@@ -1,4 +1,4 @@
-"""serve/cpu_lora.py: the CPU LoRA ops compute what vLLM's do (minus the wrong slot for -1), and the engine uses them."""
+"""serve/engines/cpu_lora.py: the CPU LoRA ops compute what vLLM's do (minus the wrong slot for -1), and the engine uses them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from serve import cpu_lora
+from serve.engines import cpu_lora
 from tests.serve.conftest import TARGETS
 
 SLOTS, RANK = 4, 16
@@ -96,7 +96,7 @@ def test_register_installs_once_and_honours_the_off_switch(monkeypatch):
 def test_entry_point_is_registered_with_vllm():
     from importlib.metadata import entry_points
 
-    assert "serve.cpu_lora:register" in [e.value for e in entry_points(group="vllm.general_plugins")]
+    assert "serve.engines.cpu_lora:register" in [e.value for e in entry_points(group="vllm.general_plugins")]
 
 
 # --- through a real vLLM engine ---
@@ -180,7 +180,7 @@ def probes_beside(url: str, base: str, prefixes: list[list[int]], companions: li
 
 @pytest.mark.vllm
 def test_engine_loads_the_plugin(vllm_engine):
-    assert "CPU LoRA ops from serve.cpu_lora installed" in vllm_engine.log_path.read_text(errors="replace")
+    assert "CPU LoRA ops from serve.engines.cpu_lora installed" in vllm_engine.log_path.read_text(errors="replace")
 
 
 @pytest.mark.vllm

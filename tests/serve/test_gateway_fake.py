@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from serve.app import ServerThread, create_app
+from serve.gateway.app import ServerThread, create_app
 from tests.conftest import MODELS, free_port
 from tests.serve.conftest import ADMIN_KEY, KEYS, config, scrape, tenant
 from tests.serve.fake_engine import FakeEngine, wait_for

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from serve.app import ServerThread, create_app
+from serve.gateway.app import ServerThread, create_app
 from tests.conftest import free_port
 from tests.serve.conftest import ADMIN_KEY, KEYS, config, make_random_adapter, metric, scrape, tenant
 from tests.serve.fake_engine import wait_for

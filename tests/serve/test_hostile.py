@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve.app import ServerThread, create_app
+from serve.gateway.app import ServerThread, create_app
 from tests.conftest import MODELS, free_port
 from tests.serve.conftest import ADMIN_KEY, KEYS, config, metric, scrape, tenant
 

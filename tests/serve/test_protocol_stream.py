@@ -8,10 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve.metrics import Metrics
-from serve.protocol import ApiError, parse_request, rate_limited
-from serve.proxy import StreamMeter, has_content, pump, usage_event
-from serve.registry import Registry, rendezvous
+from serve.gateway.metrics import Metrics
+from serve.gateway.protocol import ApiError, parse_request, rate_limited
+from serve.gateway.proxy import StreamMeter, has_content, pump, usage_event
+from serve.gateway.registry import Registry, rendezvous
 from tests.serve.conftest import config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

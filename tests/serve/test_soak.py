@@ -1,4 +1,4 @@
-"""The soak benchmark (`python -m serve.soak`): its figures on a fake engine (fast), and a 60 s soak of the real
+"""The soak benchmark (`python -m lorafleet.benches.soak`): its figures on a fake engine (fast), and a 60 s soak of the real
 gateway over the session's vLLM engine, which must end with no error and bounded memory growth."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from serve.app import ServerThread, create_app
-from serve.soak import Result, SoakSettings, Target, print_report, run_soak, summarize
+from lorafleet.benches.soak import Result, SoakSettings, Target, print_report, run_soak, summarize
+from serve.gateway.app import ServerThread, create_app
 from tests.conftest import LIVE_ADAPTERS, LIVE_KEYS, MODELS, free_port
 from tests.serve.conftest import KEYS, config, tenant
 
@@ -63,5 +63,5 @@ def test_soak_60s_over_vllm_has_no_errors_and_bounded_memory(live_gateway):
     print_report(report)
     assert report.errors == 0, report.error_kinds
     assert report.requests >= 30
-    # loose: 60 s is short and this process also holds the test run; `python -m serve.soak` checks 5 % over 10 min
+    # loose: 60 s is short and this process also holds the test run; `python -m lorafleet.benches.soak` checks 5 % over 10 min
     assert report.rss_growth < 0.25

@@ -15,9 +15,9 @@ import threading
 import httpx
 import pytest
 
-from serve.app import ServerThread, create_app
-from serve.deploy import engine_specs
-from serve.supervisor import Supervisor
+from serve.engines.deploy import engine_specs
+from serve.engines.supervisor import Supervisor
+from serve.gateway.app import ServerThread, create_app
 from tests.conftest import free_port
 from tests.serve.conftest import KEYS, config, make_random_adapter, scrape, tenant
 from tests.serve.fake_engine import wait_for

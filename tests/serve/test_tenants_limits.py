@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from serve.config import Limits, TenantConfig
-from serve.limits import Decision, Limiter, Window
-from serve.tenants import TenantStore, bearer_key, hash_key, key_matches
+from serve.gateway.limits import Decision, Limiter, Window
+from serve.gateway.tenants import TenantStore, bearer_key, hash_key, key_matches
 
 # -- keys and tenants
 

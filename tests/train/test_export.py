@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorafleet.core.vllm import LLAMA_STYLE
 from tests.conftest import ROOT
 from train.config import load_config
-from train.export import LLAMA_STYLE, AdapterError, check_adapter, merge_adapter, validate_adapter
+from train.export import AdapterError, check_adapter, merge_adapter, validate_adapter
 from train.trainer import train
 
 

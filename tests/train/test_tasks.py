@@ -8,9 +8,9 @@ import statistics
 import pytest
 
 from lorafleet.cli import main
+from lorafleet.core.tasks import Task
 from train.data import load_jsonl
 from train.tasks import TASKS, get_task
-from train.tasks.base import Task
 from train.tasks.drugs import DRUGS, INTERACTIONS, pairs_in
 from train.tasks.manifest import PORTS, PRODUCTS, REASONS
 

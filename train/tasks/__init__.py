@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from lorafleet.core.tasks import Task
 from train.tasks import contract, drugs, manifest
-from train.tasks.base import Task
 
 TASKS: dict[str, Task] = {t.name: t for t in (manifest.TASK, contract.TASK, drugs.TASK)}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from train.tasks.base import Split, Task, normalize_label
+from lorafleet.core.tasks import Split, Task, normalize_label
 
 TEMPLATES = {
     "termination": [

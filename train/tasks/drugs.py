@@ -13,7 +13,7 @@ import json
 import random
 import zlib
 
-from train.tasks.base import Split, Task, f1, parse_json
+from lorafleet.core.tasks import Split, Task, f1, parse_json
 
 # A teaching subset of well-known, clinically major interactions; not a clinical reference.
 INTERACTIONS = [

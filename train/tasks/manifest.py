@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 
-from train.tasks.base import Split, Task, f1, normalize_label, parse_json
+from lorafleet.core.tasks import Split, Task, f1, normalize_label, parse_json
 
 REASONS = ["port_mismatch", "quantity_mismatch", "seal_mismatch", "undeclared_item", "weight_mismatch"]
 # How many discrepancies an example has: clean manifests are common, as in real inspections.

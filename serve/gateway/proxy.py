@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from serve.protocol import (
+from serve.gateway.protocol import (
     ApiError,
     Kind,
     ProxyRequest,
@@ -30,11 +30,11 @@ from serve.protocol import (
     unauthorized,
     unavailable,
 )
-from serve.registry import Model, Replica
-from serve.tenants import UNKNOWN, Tenant, bearer_key
+from serve.gateway.registry import Model, Replica
+from serve.gateway.tenants import UNKNOWN, Tenant, bearer_key
 
 if TYPE_CHECKING:
-    from serve.app import Gateway
+    from serve.gateway.app import Gateway
 
 log = logging.getLogger("lorafleet.serve")
 

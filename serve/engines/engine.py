@@ -16,11 +16,10 @@ from pathlib import Path
 
 import httpx
 
-# vLLM accepts only these LoRA ranks for --max-lora-rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from lorafleet.core.errors import UserError
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError, RuntimeError):
     """An engine failed to start or died; the message carries the tail of its log."""
 
 

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lorafleet.cli import CliError
+from lorafleet.core.errors import UserError
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         out = train(cfg)
     except (ConfigError, DataError, TrainError, AdapterError) as e:
-        raise CliError(str(e)) from e
+        raise UserError(str(e)) from e
     m = json.loads((out / REPORT_FILE).read_text())["metrics"]
     print(
         f"adapter: {out}  (train loss {m['final_train_loss']}, eval loss {m['final_eval_loss']}, "
@@ -95,7 +95,7 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         out = merge_adapter(args.adapter, args.out, dtype=args.dtype)
     except (AdapterError, ModelError) as e:
-        raise CliError(str(e)) from e
+        raise UserError(str(e)) from e
     print(f"merged model: {out}")
     return 0
 
@@ -121,13 +121,13 @@ def _eval(args: argparse.Namespace) -> int:
     from train.models import ModelError
 
     if args.adapter is None and args.base is None:
-        raise CliError("give --adapter DIR, --base MODEL, or both")
+        raise UserError("give --adapter DIR, --base MODEL, or both")
     try:
         res = evaluate_offline(
             args.base, args.adapter, args.task, n=args.n, mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens
         )
     except (ModelError, ValueError) as e:
-        raise CliError(str(e)) from e
+        raise UserError(str(e)) from e
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")
@@ -155,13 +155,13 @@ def _curve(args: argparse.Namespace) -> int:
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError as e:
-        raise CliError(f"--sizes must be a comma list of integers, got {args.sizes!r}") from e
+        raise UserError(f"--sizes must be a comma list of integers, got {args.sizes!r}") from e
     if not sizes or min(sizes) < 1:
-        raise CliError("--sizes needs at least one size >= 1")
+        raise UserError("--sizes needs at least one size >= 1")
     try:
         res = learning_curve(args.task, sizes, parse_overrides(args.overrides), args.eval_n, args.min_steps)
     except ConfigError as e:
-        raise CliError(str(e)) from e
+        raise UserError(str(e)) from e
     print(format_curve(res))
     print(f"wrote {res['dir']}/curve.json and curve.png")
     return 0
@@ -189,4 +189,4 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         return bench.main_args(args)
     except (ValueError, RuntimeError) as e:
-        raise CliError(str(e)) from e
+        raise UserError(str(e)) from e

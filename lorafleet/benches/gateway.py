@@ -1,4 +1,4 @@
-"""What the gateway costs: `python -m serve.bench` (or `lorafleet serve bench`).
+"""What the gateway costs: `python -m lorafleet.benches.gateway` (or `lorafleet serve bench`).
 
 Starts one vLLM engine and the gateway (its own process, as in production) in front of it, then measures, in
 the same run on the same engine:
@@ -27,13 +27,17 @@ from pathlib import Path
 import httpx
 import yaml
 
+from lorafleet.core.net import free_port
+
 KEY = "sk-bench"
 PROMPTS = [f"Write a short story about a lighthouse keeper and the number {i}." for i in range(64)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m serve.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m lorafleet.benches.gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="smollm2-135m-instruct", help="model id or HF folder")
     p.add_argument("--rounds", type=int, default=4, help="overhead rounds per target")
@@ -45,14 +49,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cold", type=int, default=3, help="adapters whose first request is timed")
     p.add_argument("--out", default=None, help="JSON results folder (default runs/serve-bench)")
     return p.parse_args(argv)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def random_adapter(base: Path, out: Path, r: int = 8) -> Path:
@@ -125,7 +121,7 @@ def median_ms(values: list[float]) -> float:
 
 
 def start_engine(model: str, max_loras: int, log_dir: Path):
-    from serve.engine import Engine, EngineSpec
+    from serve.engines.engine import Engine, EngineSpec
     from train.models import model_path
 
     path = model_path(model)
@@ -143,7 +139,7 @@ def start_gateway(cfg: dict, work: Path) -> tuple[subprocess.Popen, str]:
     cfg_file = work / "gateway.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     port = cfg["gateway"]["port"]
-    cmd = [sys.executable, "-m", "serve.cli", str(cfg_file), "--no-engines"]
+    cmd = [sys.executable, "-m", "lorafleet.cli.serve", str(cfg_file), "--no-engines"]
     proc = subprocess.Popen(cmd, stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -161,7 +157,7 @@ def start_gateway(cfg: dict, work: Path) -> tuple[subprocess.Popen, str]:
 
 
 def gateway_config(model: str, model_dir: Path, engine_url: str, root: Path, adapters: list[str]) -> dict:
-    from serve.tenants import hash_key
+    from serve.gateway.tenants import hash_key
 
     return {
         "gateway": {"port": free_port(), "max_tokens_cap": 4096, "log_dir": str(root)},
@@ -242,7 +238,7 @@ def many_adapters(args, gateway: str, adapters: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lorafleet import paths
+    from lorafleet.core import paths
 
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))
     adapters = [f"a{i}" for i in range(args.adapters)]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from serve.engine import Engine, EngineError, EngineSpec
+from serve.engines.engine import Engine, EngineError, EngineSpec
 
 log = logging.getLogger("lorafleet.serve")
 

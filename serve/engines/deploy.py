@@ -10,16 +10,16 @@ import hashlib
 import logging
 from pathlib import Path
 
-from lorafleet import paths
-from serve.config import AdapterConfig, ConfigError, EngineConfig, ServeConfig
-from serve.engine import EngineSpec
-from serve.registry import merged_group
+from lorafleet.core import paths
+from lorafleet.core.errors import UserError
+from serve.config import AdapterConfig, ConfigError, EngineConfig, ServeConfig, merged_group
+from serve.engines.engine import EngineSpec
 
 log = logging.getLogger("lorafleet.serve")
 HASH_FILE = "lorafleet_adapter_hash"
 
 
-class AdapterPathError(ValueError):
+class AdapterPathError(UserError, ValueError):
     """An adapter path is outside the adapters root or not a folder."""
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorafleet.cli import CliError
+from lorafleet.core.errors import UserError
 from train import models
 
 
@@ -25,7 +25,7 @@ def _pull(args: argparse.Namespace) -> int:
             path = models.pull(model_id, force=args.force)
             print(f"{model_id}: {path}")
     except models.ModelError as e:
-        raise CliError(str(e)) from e
+        raise UserError(str(e)) from e
     return 0
 
 

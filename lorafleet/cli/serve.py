@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 
-from lorafleet.cli import CliError
+from lorafleet.core.errors import UserError
 
 
 def _run_parser(prog: str = "lorafleet serve") -> argparse.ArgumentParser:
@@ -47,11 +47,11 @@ def main(args: argparse.Namespace) -> int:
     if action == "check":
         return _check(rest[1:])
     if action == "bench":
-        from serve import bench
+        from lorafleet.benches import gateway as bench
 
         return bench.main(rest[1:])
     if action == "soak":
-        from serve import soak
+        from lorafleet.benches import soak
 
         return soak.main(rest[1:])
     if action == "run":
@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
 def _hash_key(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lorafleet serve hash-key", description="print the hash to put in a config")
     p.add_argument("key")
-    from serve.tenants import hash_key
+    from serve.gateway.tenants import hash_key
 
     print(hash_key(p.parse_args(argv).key))
     return 0
@@ -79,7 +79,7 @@ def _load(config: str | None):
     try:
         return load_config(config)
     except ConfigError as e:
-        raise CliError(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 def _check(argv: list[str]) -> int:
@@ -87,12 +87,12 @@ def _check(argv: list[str]) -> int:
     p.add_argument("config", nargs="?")
     cfg = _load(p.parse_args(argv).config)
     from serve.config import ConfigError
-    from serve.deploy import configured_adapters
+    from serve.engines.deploy import configured_adapters
 
     try:
         adapters = configured_adapters(cfg)
     except ConfigError as e:
-        raise CliError(str(e)) from None
+        raise UserError(str(e)) from None
     for e in cfg.engines:
         where = ", ".join(e.replica_urls())
         print(f"engine {e.name}: model {e.public_name} at {where}{'' if e.managed else ' (external)'}")
@@ -112,11 +112,11 @@ def _interrupt(signum: int, frame: object) -> None:
 def _serve(config: str | None, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serve.app import create_app, uvicorn_config
     from serve.config import ConfigError
-    from serve.deploy import configured_adapters, engine_specs, log_dir
-    from serve.engine import EngineError
-    from serve.supervisor import Supervisor
+    from serve.engines.deploy import configured_adapters, engine_specs, log_dir
+    from serve.engines.engine import EngineError
+    from serve.engines.supervisor import Supervisor
+    from serve.gateway.app import create_app, uvicorn_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per engine call costs CPU and says little
@@ -126,12 +126,12 @@ def _serve(config: str | None, args: argparse.Namespace) -> int:
         adapters = configured_adapters(cfg)
         specs = {} if args.no_engines else engine_specs(cfg)
     except ConfigError as e:
-        raise CliError(str(e)) from None
+        raise UserError(str(e)) from None
     if args.engines:
         wanted = set(args.engines.split(","))
         unknown = wanted - set(specs)
         if unknown:
-            raise CliError(f"--engines: unknown {sorted(unknown)}; this config runs {sorted(specs)}")
+            raise UserError(f"--engines: unknown {sorted(unknown)}; this config runs {sorted(specs)}")
         specs = {n: s for n, s in specs.items() if n in wanted}
     supervisor = Supervisor(specs, log_dir(cfg))
     # Engines run in their own process groups: a SIGTERM during start-up must still reach `finally` below.
@@ -145,7 +145,7 @@ def _serve(config: str | None, args: argparse.Namespace) -> int:
         print(f"==> gateway on http://{host}:{port}/v1 (metrics: /metrics); Ctrl-C stops everything", flush=True)
         uvicorn.Server(uvicorn_config(app, host, port)).run()
     except EngineError as e:
-        raise CliError(str(e)) from None
+        raise UserError(str(e)) from None
     finally:
         supervisor.stop_all()
     return 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from serve import admin
-from serve.protocol import ApiError, model_card, model_not_found, openapi_body, unauthorized
-from serve.tenants import bearer_key
+from serve.gateway import admin
+from serve.gateway.protocol import ApiError, model_card, model_not_found, openapi_body, unauthorized
+from serve.gateway.tenants import bearer_key
 
 router = APIRouter()
 

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from serve.deploy import AdapterPathError, adapter_dir, check_adapter
-from serve.protocol import ApiError, RegisterAdapter, bad_request
-from serve.tenants import bearer_key, key_matches
+from serve.engines.deploy import AdapterPathError, adapter_dir, check_adapter
+from serve.gateway.protocol import ApiError, RegisterAdapter, bad_request
+from serve.gateway.tenants import bearer_key, key_matches
 
 if TYPE_CHECKING:
-    from serve.app import Gateway
+    from serve.gateway.app import Gateway
 
 
 def require_admin(gw: Gateway, authorization: str | None) -> None:

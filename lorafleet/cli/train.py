@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorafleet.cli import CliError
-from train.cli_run import add_subcommands as add_run_subcommands
+from lorafleet.cli.train_run import add_subcommands as add_run_subcommands
+from lorafleet.core.errors import UserError
 from train.data import write_json, write_jsonl
 from train.tasks import TASKS, get_task
 
@@ -14,7 +14,7 @@ from train.tasks import TASKS, get_task
 def register(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="train_cmd", required=True, metavar="SUBCOMMAND")
     _add_data(sub)
-    add_run_subcommands(sub)  # run, validate, merge, eval, curve, bench (train/cli_run.py)
+    add_run_subcommands(sub)  # run, validate, merge, eval, curve, bench (lorafleet/cli/train_run.py)
     # Other subcommands (run, validate, eval, curve, merge) register here: `_add_<name>(sub)`, defined below.
 
 
@@ -35,10 +35,10 @@ def _data(args: argparse.Namespace) -> int:
     try:
         task = get_task(args.task)
     except ValueError as e:
-        raise CliError(str(e)) from e
+        raise UserError(str(e)) from e
     for flag, value in (("--n", args.n), ("--eval-n", args.eval_n)):
         if value < 1:
-            raise CliError(f"{flag} must be at least 1, got {value}")
+            raise UserError(f"{flag} must be at least 1, got {value}")
     train = task.generate(args.n, "train", args.seed)
     evals = task.generate(args.eval_n, "eval", args.seed)
     write_jsonl(train, args.out / "train.jsonl")

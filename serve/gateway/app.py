@@ -18,16 +18,16 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from serve import routes
 from serve.config import ServeConfig
-from serve.deploy import adapters_root, configured_adapters
-from serve.limits import Limiter
-from serve.metrics import Metrics
-from serve.protocol import ApiError, error_body, openapi_components
-from serve.proxy import Proxy
-from serve.registry import Registry
-from serve.supervisor import Supervisor
-from serve.tenants import TenantStore
+from serve.engines.deploy import adapters_root, configured_adapters
+from serve.engines.supervisor import Supervisor
+from serve.gateway import routes
+from serve.gateway.limits import Limiter
+from serve.gateway.metrics import Metrics
+from serve.gateway.protocol import ApiError, error_body, openapi_components
+from serve.gateway.proxy import Proxy
+from serve.gateway.registry import Registry
+from serve.gateway.tenants import TenantStore
 
 log = logging.getLogger("lorafleet.serve")
 

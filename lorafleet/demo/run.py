@@ -23,8 +23,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from lorafleet.cli import CliError
-from lorafleet.paths import adapters_dir, home, runs_dir
+from lorafleet.core.errors import UserError
+from lorafleet.core.paths import adapters_dir, home, runs_dir
+from lorafleet.demo.report import write_demo_report
 
 SMALL, GENERALIST = "smollm2-135m-instruct", "gemma-3-270m"
 # tenant -> (task, demo API key); the keys' hashes are in serve/default.yaml.
@@ -82,7 +83,7 @@ class Steps:
         try:
             yield log
         except Exception as e:
-            raise CliError(f"step {n} '{name}' failed: {e}\n  see {log}") from e
+            raise UserError(f"step {n} '{name}' failed: {e}\n  see {log}") from e
         self.timings[name] = round(time.time() - t0, 1)
         print(f"[{n}/{self.total}] {name}: done in {self.timings[name]:.0f} s", flush=True)
 
@@ -110,7 +111,7 @@ def train_adapter(task: str, plan: DemoPlan, log: Path, n: int | None = None, na
     overrides |= {"eval_every": 0, "save_every": 0}  # the eval loss once at the end; no resume checkpoints
     if plan.epochs is not None:
         overrides["epochs"] = plan.epochs
-    cfg = load_config(Path(__file__).parents[1] / "train" / "configs" / f"{task}.yaml", overrides)
+    cfg = load_config(Path(__file__).parents[2] / "train" / "configs" / f"{task}.yaml", overrides)
     key = adapter_key(cfg)
     stamp = out / "demo_key.txt"
     if stamp.is_file() and stamp.read_text().strip() == key and (out / "lorafleet_train.json").is_file():
@@ -138,7 +139,7 @@ def on_gpu() -> bool:
 
 def serve_config(plan: DemoPlan) -> dict:
     """The embedded default deployment with the plan's models, plus the hot tenant's adapter served merged."""
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / "default.yaml").read_text())
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "serve" / "default.yaml").read_text())
     cfg["gateway"]["port"] = plan.gateway_port
     small, general = served_name(plan.small), served_name(plan.generalist)
     renames = {SMALL: small, GENERALIST: general}
@@ -328,9 +329,8 @@ def demo(plan: DemoPlan) -> Path:
             results["curve_quality"] = run_bench(cfg, run_dir, run_dir / "logs" / "bench-curve.log")["quality"]
         steps.timings["bench"] = round(time.time() - t0, 1)
     with steps.step("report") as log:
-        from lorafleet.demo_report import write_demo_report
-
-        report = write_demo_report(run_dir, plan, training, curve, results, steps.timings)
+        tasks = {tenant: task for tenant, (task, _) in TENANTS.items()}
+        report = write_demo_report(run_dir, plan, tasks, training, curve, results, steps.timings)
     print(report)
     return run_dir
 
@@ -349,7 +349,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         plan.small, plan.generalist = (m.strip() for m in args.models.split(","))
     except ValueError as e:
-        raise CliError(f"--models: expected SMALL,GENERALIST (two model ids or folders), got {args.models!r}") from e
+        raise UserError(f"--models: expected SMALL,GENERALIST (two model ids or folders), got {args.models!r}") from e
     os.environ.setdefault("LORAFLEET_HOME", str(home()))
     t0 = time.time()
     run_dir = demo(plan)

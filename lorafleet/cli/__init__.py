@@ -6,19 +6,17 @@ import argparse
 import importlib
 import sys
 
+from lorafleet.core.errors import UserError
+
 # (subcommand, module with `register(subparsers)`, help). Modules are imported lazily so that
 # `lorafleet models list` does not pay for importing torch, vLLM or FastAPI.
 COMMANDS = [
-    ("models", "train.models_cli", "import and list the pretrained base models"),
-    ("train", "train.cli", "make data, fine-tune LoRA adapters, validate and evaluate them"),
-    ("serve", "serve.cli", "run vLLM engines and the multi-tenant gateway"),
-    ("bench", "loadtest.cli", "load-test, price and score targets"),
-    ("demo", "lorafleet.demo", "the end-to-end proof: train three tenants, serve, score, price, report"),
+    ("models", "lorafleet.cli.models", "import and list the pretrained base models"),
+    ("train", "lorafleet.cli.train", "make data, fine-tune LoRA adapters, validate and evaluate them"),
+    ("serve", "lorafleet.cli.serve", "run vLLM engines and the multi-tenant gateway"),
+    ("bench", "lorafleet.cli.bench", "load-test, price and score targets"),
+    ("demo", "lorafleet.demo.run", "the end-to-end proof: train three tenants, serve, score, price, report"),
 ]
-
-
-class CliError(Exception):
-    """An error the user can fix; printed without a traceback."""
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -47,13 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except CliError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

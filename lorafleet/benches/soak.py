@@ -1,4 +1,4 @@
-"""Does the gateway hold up for long: `python -m serve.soak --seconds 600` (or `lorafleet serve soak`).
+"""Does the gateway hold up for long: `python -m lorafleet.benches.soak --seconds 600` (or `lorafleet serve soak`).
 
 Starts one vLLM engine with two random LoRA adapters and the gateway (its own process, as in production) in
 front of it, or uses a running gateway (`--gateway URL --target KEY=MODEL ...`). It measures capacity (closed
@@ -253,7 +253,9 @@ def print_report(r: SoakReport) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m serve.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m lorafleet.benches.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--seconds", type=float, default=600.0, help="length of the soak at constant load")
     p.add_argument("--capacity-s", type=float, default=20.0, help="length of the capacity measurement")
@@ -285,8 +287,9 @@ def _targets(specs: list[str]) -> list[Target]:
 
 def _start_stack(args: argparse.Namespace, work: Path):
     """One engine, two random adapters and the gateway as its own process; keys of two tenants."""
-    from serve.bench import free_port, random_adapter, start_engine, start_gateway
-    from serve.tenants import hash_key
+    from lorafleet.benches.gateway import random_adapter
+    from lorafleet.core.net import free_port, start_engine, start_gateway
+    from serve.gateway.tenants import hash_key
 
     engine, model_dir = start_engine(args.model, len(ADAPTERS), work)
     random_adapter(model_dir, work / ADAPTERS[0])
@@ -309,7 +312,7 @@ def _start_stack(args: argparse.Namespace, work: Path):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lorafleet import paths
+    from lorafleet.core import paths
 
     work = Path(tempfile.mkdtemp(prefix="lorafleet-soak-"))
     engine = proc = None

@@ -1,4 +1,4 @@
-"""`python -m loadtest.fidelity`: does `lorafleet bench` agree with vLLM's own `vllm bench serve`?
+"""`python -m lorafleet.benches.fidelity`: does `lorafleet bench` agree with vLLM's own `vllm bench serve`?
 
 Same engine, same load (completions endpoint, ~64 tokens in, 64 forced out, closed loop), alternating rounds of
 the two tools; prints output throughput and median TTFT of each and their ratios (goal: within 5 %).
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.url:
         import socket
 
-        from serve.engine import Engine, EngineSpec
+        from serve.engines.engine import Engine, EngineSpec
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -18,9 +18,9 @@ from typing import Literal
 
 import httpx
 
-from serve.config import ServeConfig
-from serve.metrics import Metrics
-from serve.protocol import ApiError
+from serve.config import ServeConfig, merged_group
+from serve.gateway.metrics import Metrics
+from serve.gateway.protocol import ApiError
 
 log = logging.getLogger("lorafleet.serve")
 
@@ -214,7 +214,3 @@ class Registry:
             except Exception:  # the loop must outlive any one bad check
                 log.exception("health check failed")
             await asyncio.sleep(interval)
-
-
-def merged_group(adapter: str) -> str:
-    return f"merged-{adapter}"

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lorafleet.blocks import to_html, to_markdown
+from lorafleet.core.blocks import to_html, to_markdown
 
 # The article's claims, as thresholds this run is checked against.
 ACCURACY_GAIN = 0.15  # fine-tuned small vs generalist few-shot, in accuracy points
@@ -247,10 +247,10 @@ def plot_accuracy(acc: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_demo_report(run_dir: Path, plan, training: dict, curve: dict, results: dict, timings: dict) -> str:
-    from lorafleet.demo import TENANTS
-
-    tasks = {tenant: task for tenant, (task, _) in TENANTS.items()}
+def write_demo_report(
+    run_dir: Path, plan, tasks: dict[str, str], training: dict, curve: dict, results: dict, timings: dict
+) -> str:
+    """The demo's report.md/.html; `tasks` maps each tenant to its task."""
     acc = accuracy_rows(results, tasks)
     plot_accuracy(acc, run_dir / "accuracy.png")
     bench_dir = Path(results["config"].get("output_dir") or run_dir / "bench")

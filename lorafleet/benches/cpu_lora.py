@@ -1,0 +1,144 @@
+"""`python -m lorafleet.benches.cpu_lora`: vLLM's CPU LoRA ops vs serve/engines/cpu_lora.py's.
+
+First on one forward pass's LoRA work of SmolLM2-135M (no engine), then, with --engine ADAPTER, through two real
+vLLM engines serving the adapter (plugin off, then on) on a task's held-out prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from lorafleet.core.net import free_port
+from serve.engines import cpu_lora
+from serve.engines.engine import Engine, EngineSpec
+from train.models import ensure
+from train.tasks import get_task
+
+# (input, output slices) per adapted projection of one layer: qkv, o, gate_up, down
+SMOLLM2_LAYER = [(576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (576,))]
+
+
+def _forward_lora(ops: dict, x_by_in: dict, weights: list, idx: torch.Tensor, layers: int) -> list[torch.Tensor]:
+    """Shrink then expand for every projection of every layer, as vLLM's punica wrapper calls them."""
+    outs = []
+    for _ in range(layers):
+        for (d_in, slices), (a, b) in zip(SMOLLM2_LAYER, weights, strict=True):
+            x = x_by_in[d_in]
+            y = torch.zeros(x.shape[0], sum(slices), dtype=x.dtype)
+            buf = torch.zeros(len(slices), x.shape[0], a[0].shape[2], dtype=torch.float32)
+            for i in range(len(slices)):
+                ops["bgmv_shrink"](x, a[i], buf[i], idx, 1.0)
+            offset = 0
+            for i, size in enumerate(slices):
+                ops["bgmv_expand_slice"](buf[i], b[i], y, idx, offset, size, True)
+                offset += size
+            outs.append(y)
+    return outs
+
+
+def _bench_case(tokens: int, adapters: int, layers: int, rank: int, slots: int) -> tuple[float, float, float]:
+    g = torch.Generator().manual_seed(0)
+    bf = torch.bfloat16
+    weights = [
+        (
+            [torch.randn(slots, 1, rank, d_in, generator=g).to(bf) for _ in slices],
+            [torch.randn(slots, 1, s, rank, generator=g).to(bf) for s in slices],
+        )
+        for d_in, slices in SMOLLM2_LAYER
+    ]
+    x_by_in = {d: torch.randn(tokens, d, generator=g).to(bf) for d in (576, 1536)}
+    # tokens spread over `adapters` slots; a quarter without an adapter when the batch is mixed
+    idx = torch.arange(tokens) % adapters if adapters > 1 else torch.zeros(tokens, dtype=torch.long)
+    if adapters > 1:
+        idx[::4] = -1
+        idx[idx == -1] = slots - 1  # vLLM's ops read -1 as the last slot; compare on the slot they really use
+    theirs = {n: cpu_lora._vllm_op(n) for n in cpu_lora.PATCHED}
+    timings = []
+    for impl in (theirs, cpu_lora.PATCHED):
+        _forward_lora(impl, x_by_in, weights, idx, 1)  # warm-up
+        t0 = time.perf_counter()
+        out = _forward_lora(impl, x_by_in, weights, idx, layers)
+        timings.append((time.perf_counter() - t0, out))
+    (t_theirs, ref), (t_ours, got) = timings
+    err = max(
+        (a.float() - b.float()).abs().max().item() / (a.float().abs().max().item() + 1e-6)
+        for a, b in zip(ref, got, strict=True)
+    )
+    return t_theirs, t_ours, err
+
+
+def _engine_round(plugin_on: bool, adapter: Path, task: str, n: int, concurrency: int, log_dir: Path) -> dict:
+    """One vLLM engine with the adapter, plugin on or off: n held-out prompts of the task, `concurrency` at a time."""
+    os.environ[cpu_lora.ENV] = "1" if plugin_on else "0"
+    spec = EngineSpec(name="cpu-lora", model=ensure("smollm2-135m-instruct"), port=free_port(),
+                      served_name="base", lora_modules={"adapter": adapter})  # fmt: skip
+    engine = Engine(spec, log_dir / f"engine-{'ours' if plugin_on else 'vllm'}.log").start()
+    items = get_task(task).generate(n, "eval", seed=0)
+    try:
+        engine.wait_ready(timeout=600)
+
+        async def run() -> tuple[float, int]:
+            sem = asyncio.Semaphore(concurrency)
+            async with httpx.AsyncClient(base_url=spec.url, timeout=600) as client:
+
+                async def one(item: dict) -> int:
+                    body = {"model": "adapter", "messages": item["messages"][:-1], "max_tokens": 64, "temperature": 0}
+                    async with sem:
+                        r = (await client.post("/v1/chat/completions", json=body)).raise_for_status()
+                    return r.json()["usage"]["completion_tokens"]
+
+                await one(items[0])  # warm-up
+                t0 = time.perf_counter()
+                tokens = await asyncio.gather(*(one(it) for it in items))
+                return time.perf_counter() - t0, sum(tokens)
+
+        seconds, tokens = asyncio.run(run())
+    finally:
+        engine.stop()
+    return {"seconds": seconds, "out_tokens": tokens}
+
+
+def engine_bench(adapter: Path, task: str, n: int, concurrency: int) -> None:
+    if not (adapter / "adapter_config.json").is_file():
+        raise SystemExit(f"no adapter at {adapter}: train one first (make demo, or lorafleet train run)")
+    log_dir = Path(tempfile.mkdtemp(prefix="cpu-lora-bench-"))
+    print(f"{n} {task} eval requests through vLLM with adapter {adapter}, {concurrency} at a time (logs: {log_dir})")
+    res = {}
+    for on in (False, True):
+        res[on] = r = _engine_round(on, adapter, task, n, concurrency, log_dir)
+        name = "serve.engines.cpu_lora ops" if on else "vLLM's own CPU ops"
+        print(f"  {name:20} {r['seconds']:7.1f} s  {r['out_tokens'] / r['seconds']:6.1f} out tok/s")
+    print(f"  speed-up: {res[False]['seconds'] / res[True]['seconds']:.2f}x wall time")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=30, help="decoder layers (SmolLM2-135M: 30)")
+    p.add_argument("--rank", type=int, default=16, help="--max-lora-rank: vLLM pads every adapter to it")
+    p.add_argument("--slots", type=int, default=4, help="--max-loras")
+    p.add_argument("--engine", type=Path, metavar="ADAPTER", help="also time real vLLM engines serving this adapter")
+    p.add_argument("--task", default="manifest", help="with --engine: whose held-out prompts to send")
+    p.add_argument("--requests", type=int, default=32, help="with --engine: how many")
+    p.add_argument("--concurrency", type=int, default=8, help="with --engine: how many at a time")
+    args = p.parse_args()
+    cases = [("prefill 512 tokens, 1 adapter", 512, 1), ("prefill 512 tokens, 3 adapters", 512, 3),
+             ("decode 16 sequences, 1 adapter", 16, 1), ("decode 16 sequences, 3 adapters", 16, 3)]  # fmt: skip
+    print(f"LoRA work of one forward pass ({args.layers} layers, rank {args.rank}, {args.slots} slots), bf16:")
+    print(f"{'case':34} {'vLLM ops ms':>12} {'ours ms':>9} {'speed-up':>9} {'max rel diff':>13}")
+    for name, tokens, adapters in cases:
+        t_theirs, t_ours, err = _bench_case(tokens, adapters, args.layers, args.rank, args.slots)
+        print(f"{name:34} {t_theirs * 1e3:12.1f} {t_ours * 1e3:9.1f} {t_theirs / t_ours:8.1f}x {err:13.2e}")
+    if args.engine:
+        engine_bench(args.engine, args.task, args.requests, args.concurrency)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`python -m lorafleet.cli ...` is the `lorafleet` command."""
+
+import sys
+
+from lorafleet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""`lorafleet demo`: the end-to-end proof (run.py drives it, report.py writes what it found)."""
