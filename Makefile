@@ -15,9 +15,11 @@ $(STAMP): scripts/install.sh scripts/install_prometheus.sh pyproject.toml constr
 models: install
 	$(LORAFLEET) models pull
 
+# ruff for style; import-linter for the layers (contracts in pyproject.toml: which package may import which).
 lint: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports
 
 format: install
 	.venv/bin/ruff format .

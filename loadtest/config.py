@@ -10,37 +10,21 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from lorafleet.core.config import (
+    KnownPrice,
+    Price,  # noqa: F401  (re-exported: loadtest.cost prices with it)
+    Strict,
+    apply_overrides,
+    load_yaml,
+)
 from lorafleet.core.errors import ConfigError  # noqa: F401  (re-exported: callers catch it from here)
 
-
-class _Strict(BaseModel):
-    # A typo in a field name must fail loudly, not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid")
+REFERENCE = "loadtest/examples/bench.yaml"
 
 
-class Price(_Strict):
-    usd_per_hour: float | None = Field(None, gt=0, description="self-hosted instance cost")
-    usd_per_1m_input: float | None = Field(None, ge=0, description="remote list price per 1M prompt tokens")
-    usd_per_1m_output: float | None = Field(None, ge=0, description="remote list price per 1M output tokens")
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> Price:
-        listed = (self.usd_per_1m_input, self.usd_per_1m_output)
-        if self.usd_per_hour is not None and any(v is not None for v in listed):
-            raise ValueError("give either usd_per_hour (self-hosted) or usd_per_1m_input/usd_per_1m_output, not both")
-        if self.usd_per_hour is None and None in listed:
-            raise ValueError("give usd_per_hour (self-hosted), or both usd_per_1m_input and usd_per_1m_output")
-        return self
-
-    @property
-    def self_hosted(self) -> bool:
-        return self.usd_per_hour is not None
-
-
-class Target(_Strict):
+class Target(Strict):
     name: str = Field(description="label in reports and Prometheus series")
     base_url: str = Field(description="OpenAI API root, e.g. http://127.0.0.1:8080/v1")
     model: str = Field(description="model or adapter name sent when no adapter mix is given")
@@ -51,7 +35,7 @@ class Target(_Strict):
     model_keys: dict[str, str] = Field(
         default_factory=dict, description="model -> API key, for gateways where each tenant key reaches its adapter"
     )
-    price: Price
+    price: KnownPrice = Field(description="usd_per_hour (self-hosted), or usd_per_1m_input and usd_per_1m_output")
 
     @field_validator("name")
     @classmethod
@@ -92,7 +76,7 @@ class Target(_Strict):
         return dict(self.adapters) or {self.model: 1.0}
 
 
-class Load(_Strict):
+class Load(Strict):
     mode: Literal["open", "closed"] = Field("closed", description="open: arrivals at `rate`; closed: `concurrency`")
     rate: float | None = Field(None, gt=0, description="open loop: offered requests per second")
     burstiness: float = Field(1.0, gt=0, description="gamma shape of inter-arrival gaps: 1 Poisson, <1 burstier")
@@ -127,7 +111,7 @@ class Load(_Strict):
         return [self.rate if self.mode == "open" else float(self.concurrency)]
 
 
-class Slo(_Strict):
+class Slo(Strict):
     ttft_p90_s: float | None = Field(None, gt=0, description="p90 time to first token, client queue delay included")
     tpot_p90_s: float | None = Field(None, gt=0, description="p90 time per output token after the first")
     e2e_p90_s: float | None = Field(None, gt=0, description="p90 end-to-end latency, client queue delay included")
@@ -137,7 +121,7 @@ class Slo(_Strict):
         return any(v is not None for v in (self.ttft_p90_s, self.tpot_p90_s, self.e2e_p90_s))
 
 
-class Prompts(_Strict):
+class Prompts(Strict):
     source: Literal["synthetic", "task"] = "synthetic"
     input_tokens: int = Field(128, ge=1, description="synthetic: words per prompt (about one token each)")
     task: str | dict[str, str] | None = Field(
@@ -160,7 +144,7 @@ class Prompts(_Strict):
         return self.task.get(model) or self.task.get("*")
 
 
-class Eval(_Strict):
+class Eval(Strict):
     target: str
     model: str | None = Field(None, description="model or adapter to ask; default: the target's model")
     task: str
@@ -169,7 +153,7 @@ class Eval(_Strict):
     n: int | None = Field(None, ge=1, description="eval items; default quality.n")
 
 
-class Quality(_Strict):
+class Quality(Strict):
     n: int = Field(100, ge=1, description="eval items per eval")
     max_tokens: int = Field(64, ge=1)
     concurrency: int = Field(4, ge=1)
@@ -177,7 +161,7 @@ class Quality(_Strict):
     evals: list[Eval] = Field(min_length=1)
 
 
-class BenchConfig(_Strict):
+class BenchConfig(Strict):
     targets: list[Target] = Field(min_length=1)
     load: Load | None = None
     slo: Slo = Field(default_factory=Slo)
@@ -212,69 +196,12 @@ class BenchConfig(_Strict):
         return next(t for t in self.targets if t.name == name)
 
 
-def _format(e: ValidationError) -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}")
-    return "invalid bench config:\n  " + "\n  ".join(lines)
-
-
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one `dotted.path=value` override; list items are addressed by index or by their `name`."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. load.rate=4")
-    path, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
-    keys = path.strip().split(".")
-    node: Any = data
-    for i, key in enumerate(keys):
-        last = i == len(keys) - 1
-        where = ".".join(keys[: i + 1])
-        if isinstance(node, list):
-            idx = _list_index(node, key, where)
-            if last:
-                node[idx] = value
-            else:
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[key] = value
-            else:
-                if node.get(key) is None:
-                    node[key] = {}
-                node = node[key]
-        else:
-            raise ConfigError(f"override {item!r}: {'.'.join(keys[:i])} is not a section")
-
-
-def _list_index(node: list, key: str, where: str) -> int:
-    if key.isdigit() and int(key) < len(node):
-        return int(key)
-    for j, el in enumerate(node):
-        if isinstance(el, dict) and el.get("name") == key:
-            return j
-    raise ConfigError(f"override: {where} matches no list item (use an index or a target name)")
-
-
-def parse_config(data: Any, overrides: list[str] | None = None) -> BenchConfig:
+def parse_config(data: Any, overrides: list[str] | None = None, source: str = "bench config") -> BenchConfig:
+    """Validate a parsed YAML document after `dotted.key=value` overrides (lorafleet.core.config syntax)."""
     if not isinstance(data, dict):
         raise ConfigError("invalid bench config: the top level must be a mapping with `targets:`")
-    for item in overrides or []:
-        apply_override(data, item)
-    try:
-        return BenchConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format(e)) from None
+    return BenchConfig.parse(apply_overrides(data, overrides), source, reference=REFERENCE)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> BenchConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"bench config {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(data, overrides)
+    return parse_config(load_yaml(path, "bench config"), overrides, f"bench config {path}")

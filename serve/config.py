@@ -12,20 +12,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
+from lorafleet.core.config import Price, Strict, TokenPrice, parse_yaml
 from lorafleet.core.errors import ConfigError  # noqa: F401  (re-exported: callers catch it from here)
 from lorafleet.core.vllm import LORA_RANKS
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 DEFAULT_CONFIG = "default.yaml"
-
-
-class _Strict(BaseModel):
-    # A typo in a key must be an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid")
 
 
 def _check_name(v: str) -> str:
@@ -37,7 +32,7 @@ def _check_name(v: str) -> str:
 Name = Annotated[str, AfterValidator(_check_name)]
 
 
-class GatewayConfig(_Strict):
+class GatewayConfig(Strict):
     host: str = Field("127.0.0.1", description="address the gateway listens on")
     port: int = Field(8080, gt=0, lt=65536, description="gateway port")
     admin_key_hash: str | None = Field(None, description="sha256:<hex> of the admin key; none = admin API off")
@@ -58,7 +53,7 @@ class GatewayConfig(_Strict):
         return v
 
 
-class EngineConfig(_Strict):
+class EngineConfig(Strict):
     name: Name = Field(description="engine name; the `upstream` label of its metrics")
     model: str = Field(description="lorafleet model id (models/<id>) or a local HF folder")
     served_name: str | None = Field(
@@ -108,7 +103,7 @@ class EngineConfig(_Strict):
         return [self.name] if n == 1 else [f"{self.name}-{i}" for i in range(n)]
 
 
-class AdapterConfig(_Strict):
+class AdapterConfig(Strict):
     name: Name = Field(description="the model name clients send")
     path: str = Field(description="adapter folder, relative to the adapters root (or absolute inside it)")
     base: str = Field(description="served name of the base model it was trained on")
@@ -118,28 +113,20 @@ class AdapterConfig(_Strict):
     optional: bool = Field(False, description="skip it (with a warning) when its folder does not exist")
 
 
-class Limits(_Strict):
+class Limits(Strict):
     rpm: int | None = Field(None, gt=0, description="requests per minute (sliding window); none = unlimited")
     tpm: int | None = Field(None, gt=0, description="prompt+completion tokens per minute; none = unlimited")
     concurrency: int | None = Field(None, gt=0, description="requests in flight; none = unlimited")
 
 
-class Price(_Strict):
-    input: float = Field(0.0, ge=0, description="$ per 1M prompt tokens")
-    output: float = Field(0.0, ge=0, description="$ per 1M completion tokens")
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
-
-
-class TenantConfig(_Strict):
+class TenantConfig(Strict):
     name: Name
     api_key_hashes: list[str] = Field(
         min_length=1, description="sha256:<hex> of each key (`lorafleet serve hash-key`)"
     )
     models: list[str] = Field(["*"], description="models and adapters it may use; '*' = all")
     limits: Limits = Limits()
-    prices: dict[str, Price] = Field({}, description="per-model price overrides for this tenant")
+    prices: dict[str, TokenPrice] = Field({}, description="per-model price overrides for this tenant")
 
     @field_validator("api_key_hashes")
     @classmethod
@@ -152,13 +139,15 @@ class TenantConfig(_Strict):
         return v
 
 
-class ServeConfig(_Strict):
+class ServeConfig(Strict):
     gateway: GatewayConfig = GatewayConfig()
     adapters_root: str | None = Field(None, description="registered adapters must live under it; default adapters/")
     engines: list[EngineConfig] = Field(min_length=1)
     adapters: list[AdapterConfig] = []
     tenants: list[TenantConfig] = []
-    prices: dict[str, Price] = Field({}, description="$ per 1M tokens by model name; adapters default to their base")
+    prices: dict[str, TokenPrice] = Field(
+        {}, description="$ per 1M tokens by model name ({input, output}); adapters default to their base"
+    )
 
     def engine_for(self, served_name: str) -> EngineConfig | None:
         return next((e for e in self.engines if e.public_name == served_name), None)
@@ -173,24 +162,6 @@ class ServeConfig(_Strict):
                 if name in table:
                     return table[name]
         return Price()
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _message(err: dict) -> str:
-    kind, ctx = err["type"], err.get("ctx") or {}
-    simple = {"greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}", "less_than": "must be < {lt}"}
-    simple |= {"less_than_equal": "must be <= {le}", "missing": "is required", "literal_error": "must be {expected}"}
-    simple |= {"extra_forbidden": "unknown field; check its spelling against serve/default.yaml"}
-    simple |= {"too_short": "needs at least {min_length} item(s)"}
-    if kind in simple:
-        return simple[kind].format(**ctx)
-    return err["msg"].removeprefix("Value error, ")
 
 
 def _cross_check(cfg: ServeConfig) -> list[str]:
@@ -252,11 +223,8 @@ def parse_config(data: Any, source: str = "config") -> ServeConfig:
     """Validate a parsed YAML document; raise ConfigError listing every problem by field."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with engines/adapters/tenants, got {type(data).__name__}")
-    try:
-        cfg = ServeConfig.model_validate(data)
-    except ValidationError as e:
-        lines = [f"{_loc(err['loc'])}: {_message(err)}" for err in e.errors()]
-        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+    # Index brackets (`tenants[1].limits.rpm`), as in the cross-checks below.
+    cfg = ServeConfig.parse(data, source, brackets=True, reference="serve/default.yaml")
     problems = _cross_check(cfg)
     if problems:
         raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(problems))
@@ -272,11 +240,7 @@ def load_config(path: str | Path | None = None) -> ServeConfig:
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
         text, source = p.read_text(), str(p)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML ({e})") from None
-    return parse_config(data, source)
+    return parse_config(parse_yaml(text, source), source)
 
 
 def merged_group(adapter: str) -> str:

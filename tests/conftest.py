@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lorafleet.core.net import free_port  # noqa: F401  (tests import it from here)
+from lorafleet.core.net import free_port
+from lorafleet.stack import one_engine_config, running_stack
+from serve.config import (
+    AdapterConfig,
+    EngineConfig,
+    GatewayConfig,
+    Limits,
+    Price,
+    ServeConfig,
+    TenantConfig,
+    parse_config,
+)
+from serve.gateway.tenants import hash_key
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -32,64 +47,50 @@ def tiny_model_path() -> Path:
 @pytest.fixture(scope="session")
 def vllm_engine(smollm2_path, tmp_path_factory):
     """One real vLLM (CPU) engine serving SmolLM2 with LoRA enabled and runtime adapter loading on."""
-    from serve.engines.engine import Engine, EngineSpec
-
-    log = tmp_path_factory.mktemp("vllm") / "engine.log"
-    spec = EngineSpec(name="smollm2", model=smollm2_path, port=free_port(), served_name="smollm2-135m-instruct")
-    engine = Engine(spec, log).start()
-    try:
-        engine.wait_ready(timeout=600)
-        print(f"\nvLLM engine ready in {engine.ready_seconds:.1f} s (log: {log})")
+    cfg = one_engine_config(str(smollm2_path), tmp_path_factory.mktemp("vllm"), name="smollm2")
+    with running_stack(cfg, "none", ready_timeout=600) as stack:
+        engine = stack.engines["smollm2"]
+        print(f"\nvLLM engine ready in {engine.ready_seconds:.1f} s (log: {engine.log_path})")
         yield engine
-    finally:
-        engine.stop()
 
 
 LIVE_KEYS = {"acme": "sk-live-acme", "globex": "sk-live-globex"}
 LIVE_ADAPTERS = {"acme": "live-acme", "globex": "live-globex"}
 
 
+def live_config(engine_url: str, smollm2_path: Path, root: Path) -> ServeConfig:
+    """Two tenants over the shared engine (external: the stack starts nothing), each with its own adapter."""
+    base = "smollm2-135m-instruct"
+    engine = EngineConfig(
+        name="smollm2", model=str(smollm2_path), served_name=base, urls=[engine_url], price_usd_per_hour=0.1
+    )
+    # generous limits: never hit, but quota utilisation is exported for the dashboards
+    limits = Limits(rpm=100_000, tpm=10_000_000, concurrency=64)
+    tenants = [
+        TenantConfig(name=t, api_key_hashes=[hash_key(key)], models=[base, LIVE_ADAPTERS[t]], limits=limits)
+        for t, key in LIVE_KEYS.items()
+    ]
+    cfg = ServeConfig(
+        gateway=GatewayConfig(port=free_port()),
+        adapters_root=str(root),
+        engines=[engine],
+        adapters=[AdapterConfig(name=a, path=a, base=base) for a in LIVE_ADAPTERS.values()],
+        tenants=tenants,
+        prices={base: Price(input=0.03, output=0.14)},
+    )
+    return parse_config(cfg.model_dump(), "live gateway config")
+
+
 @pytest.fixture(scope="session")
 def live_gateway(vllm_engine, smollm2_path, tmp_path_factory):
-    """The real gateway over the shared vLLM engine: two tenants, each with its own random LoRA adapter."""
-    from serve.config import parse_config
-    from serve.gateway.app import ServerThread, create_app
-    from serve.gateway.tenants import hash_key
-    from tests.serve.conftest import make_random_adapter
+    """The real gateway (in this process) over the shared vLLM engine: two tenants, each with a random adapter."""
+    from tests.serve.conftest import make_random_adapter  # here: tests/serve/conftest.py imports this module
 
     root = tmp_path_factory.mktemp("live-adapters")
     for seed, name in enumerate(LIVE_ADAPTERS.values()):
         make_random_adapter(smollm2_path, root / name, seed=seed)
-    base = "smollm2-135m-instruct"
-    cfg = parse_config(
-        {
-            "adapters_root": str(root),
-            "engines": [
-                {
-                    "name": "smollm2",
-                    "model": str(smollm2_path),
-                    "served_name": base,
-                    "urls": [vllm_engine.spec.url],
-                    "price_usd_per_hour": 0.1,
-                }
-            ],  # fmt: skip
-            "adapters": [{"name": a, "path": a, "base": base} for a in LIVE_ADAPTERS.values()],
-            "tenants": [
-                {
-                    "name": t,
-                    "api_key_hashes": [hash_key(LIVE_KEYS[t])],
-                    "models": [base, LIVE_ADAPTERS[t]],
-                    # generous limits: never hit, but quota utilisation is exported for the dashboards
-                    "limits": {"rpm": 100_000, "tpm": 10_000_000, "concurrency": 64},
-                }  # fmt: skip
-                for t in LIVE_KEYS
-            ],
-            "prices": {base: {"input": 0.03, "output": 0.14}},
-        }
-    )
-    server = ServerThread(create_app(cfg), port=free_port()).start()
-    yield server
-    server.stop()
+    with running_stack(live_config(vllm_engine.spec.url, smollm2_path, root), "thread") as stack:
+        yield stack.server
 
 
 def live_bench_config(gateway_url: str, out_dir: Path, metrics_port: int = 0, seconds: float = 15) -> dict:
@@ -136,11 +137,6 @@ def live_bench_config(gateway_url: str, out_dir: Path, metrics_port: int = 0, se
 @pytest.fixture(scope="session")
 def live_stack(live_gateway, vllm_engine, tmp_path_factory) -> dict:
     """What the dashboards' live test scrapes: gateway, engine and a running harness, plus a way to load them."""
-    import subprocess
-    import sys
-
-    import yaml
-
     port = free_port()
     work = tmp_path_factory.mktemp("live-bench")
     cfg_path = work / "bench.yaml"

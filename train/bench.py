@@ -92,7 +92,9 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from train.trainer import build_dataset, linear_module_names, resolve_base
+    from train.dataset import build_dataset
+    from train.lora import linear_module_names
+    from train.trainer import resolve_base
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(spec, tmp)

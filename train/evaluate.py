@@ -23,8 +23,8 @@ def load_for_eval(model_path: str | Path | None, adapter_dir: str | Path | None,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.export import recorded_base
+    from train.lora import use_bf16
     from train.models import model_path as resolve
-    from train.trainer import use_bf16
 
     if model_path is None and adapter_dir is None:
         raise ValueError("give a base model, an adapter, or both")

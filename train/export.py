@@ -227,3 +227,32 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def random_adapter(
+    base: str | Path, out: str | Path, seed: int = 0, r: int = 8, std: float = 0.02, layers: list[int] | None = None
+) -> Path:
+    """A LoRA adapter of `base` with random non-zero A and B, N(0, std), on every linear layer vLLM adapts.
+
+    What benches and tests serve when what the adapter learned does not matter: std 0.02 changes the model
+    clearly yet keeps its outputs sane; larger values make its answers differ from the base's for sure.
+    `layers` limits it to those decoder layers (PEFT layers_to_transform). The same arguments give the same
+    weights.
+    """
+    # Here, not at the top: validate_adapter (which the gateway imports) needs neither torch nor PEFT.
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    arch = (model.config.architectures or [""])[0]
+    targets = sorted(supported_modules(arch))  # LLAMA_STYLE for every architecture lorafleet serves
+    lora = LoraConfig(r=r, lora_alpha=16, target_modules=targets, layers_to_transform=layers, init_lora_weights=False)
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, std)
+    peft_model.save_pretrained(out)
+    return Path(out)

@@ -16,9 +16,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from lorafleet.core.net import free_port
+from loadtest.client import ClientPool, build_body, endpoint, post_json
+from loadtest.config import Target
+from lorafleet.stack import one_engine_config, running_stack
 from serve.engines import cpu_lora
-from serve.engines.engine import Engine, EngineSpec
 from train.models import ensure
 from train.tasks import get_task
 
@@ -75,34 +76,39 @@ def _bench_case(tokens: int, adapters: int, layers: int, rank: int, slots: int) 
     return t_theirs, t_ours, err
 
 
+async def _timed_requests(url: str, items: list[dict], concurrency: int) -> tuple[float, int]:
+    """The items' prompts to the adapter, not streamed, `concurrency` at a time: (wall seconds, output tokens)."""
+    target = Target(name="cpu-lora", base_url=f"{url}/v1", model="adapter", price={"usd_per_hour": 1})
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(pool: ClientPool, item: dict) -> int:
+        body = build_body(target, "adapter", item["messages"][:-1], 64, stream=False)
+        async with sem, pool.lease() as client:
+            reply, error = await post_json(client, endpoint(target), {}, body)
+        if error:
+            raise RuntimeError(f"request to {url} failed: {error}")
+        return reply["usage"]["completion_tokens"]
+
+    async with ClientPool(timeout_s=600) as pool:
+        await one(pool, items[0])  # warm-up
+        t0 = time.perf_counter()
+        tokens = await asyncio.gather(*(one(pool, it) for it in items))
+        return time.perf_counter() - t0, sum(tokens)
+
+
 def _engine_round(plugin_on: bool, adapter: Path, task: str, n: int, concurrency: int, log_dir: Path) -> dict:
     """One vLLM engine with the adapter, plugin on or off: n held-out prompts of the task, `concurrency` at a time."""
-    os.environ[cpu_lora.ENV] = "1" if plugin_on else "0"
-    spec = EngineSpec(name="cpu-lora", model=ensure("smollm2-135m-instruct"), port=free_port(),
-                      served_name="base", lora_modules={"adapter": adapter})  # fmt: skip
-    engine = Engine(spec, log_dir / f"engine-{'ours' if plugin_on else 'vllm'}.log").start()
+    os.environ[cpu_lora.ENV] = "1" if plugin_on else "0"  # the engine inherits it
+    name = f"engine-{'ours' if plugin_on else 'vllm'}"
+    cfg = one_engine_config(str(ensure("smollm2-135m-instruct")), log_dir, name=name)
     items = get_task(task).generate(n, "eval", seed=0)
-    try:
-        engine.wait_ready(timeout=600)
-
-        async def run() -> tuple[float, int]:
-            sem = asyncio.Semaphore(concurrency)
-            async with httpx.AsyncClient(base_url=spec.url, timeout=600) as client:
-
-                async def one(item: dict) -> int:
-                    body = {"model": "adapter", "messages": item["messages"][:-1], "max_tokens": 64, "temperature": 0}
-                    async with sem:
-                        r = (await client.post("/v1/chat/completions", json=body)).raise_for_status()
-                    return r.json()["usage"]["completion_tokens"]
-
-                await one(items[0])  # warm-up
-                t0 = time.perf_counter()
-                tokens = await asyncio.gather(*(one(it) for it in items))
-                return time.perf_counter() - t0, sum(tokens)
-
-        seconds, tokens = asyncio.run(run())
-    finally:
-        engine.stop()
+    with running_stack(cfg, "none", ready_timeout=600) as stack:
+        url = stack.engine_url()
+        load = {"lora_name": "adapter", "lora_path": str(adapter.resolve())}  # as --lora-modules would at start
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json=load, timeout=120, trust_env=False)
+        if r.status_code != 200:
+            raise SystemExit(f"vLLM refused the adapter {adapter}: HTTP {r.status_code} {r.text[:500]}")
+        seconds, tokens = asyncio.run(_timed_requests(url, items, concurrency))
     return {"seconds": seconds, "out_tokens": tokens}
 
 

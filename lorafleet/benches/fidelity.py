@@ -16,6 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from lorafleet.core import paths
+from lorafleet.stack import one_engine_config, running_stack
+from train.models import model_path
+
 
 def vllm_bench(url: str, model: str, tokenizer: Path, n: int, concurrency: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
@@ -57,45 +61,39 @@ def lorafleet_bench(url: str, model: str, n: int, concurrency: int, out: Path) -
     return {"output_tok_per_s": step["output_tok_per_s"], "ttft_p50_s": step["ttft"]["p50"]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--url", help="a running vLLM engine; default: start SmolLM2 on a free port")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args(argv)
-    from train.models import model_path
+    return ap.parse_args(argv)
 
-    tokenizer = model_path(args.model)
-    engine = None
-    if not args.url:
-        import socket
 
-        from serve.engines.engine import Engine, EngineSpec
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        engine = Engine(EngineSpec("fidelity", tokenizer, port, served_name=args.model), Path("runs/fidelity.log"))
-        engine.start().wait_ready()
-        args.url = engine.spec.url
+def compare(args: argparse.Namespace, url: str, model: str) -> dict[str, list[dict]]:
+    """Alternating rounds of the two tools on the engine at `url`, after one uncounted warm-up."""
     rows: dict[str, list[dict]] = {"vllm bench serve": [], "lorafleet bench": []}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            lorafleet_bench(args.url, args.model, 8, 4, Path(tmp))  # warm-up, not counted
-            for r in range(args.rounds):
-                out = Path(tmp) / f"r{r}"
-                out.mkdir()
-                rows["lorafleet bench"].append(
-                    lorafleet_bench(args.url, args.model, args.requests, args.concurrency, out)
-                )
-                rows["vllm bench serve"].append(vllm_bench(args.url, args.model, tokenizer, args.requests,
-                                                           args.concurrency, out))  # fmt: skip
-                print(f"round {r + 1}: " + "; ".join(f"{k} {v[-1]}" for k, v in rows.items()), flush=True)
-    finally:
-        if engine:
-            engine.stop()
+    with tempfile.TemporaryDirectory() as tmp:
+        lorafleet_bench(url, model, 8, 4, Path(tmp))
+        for r in range(args.rounds):
+            out = Path(tmp) / f"r{r}"
+            out.mkdir()
+            rows["lorafleet bench"].append(lorafleet_bench(url, model, args.requests, args.concurrency, out))
+            rows["vllm bench serve"].append(vllm_bench(url, model, model_path(args.model), args.requests,
+                                                       args.concurrency, out))  # fmt: skip
+            print(f"round {r + 1}: " + "; ".join(f"{k} {v[-1]}" for k, v in rows.items()), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.url:
+        rows = compare(args, args.url, args.model)
+    else:
+        cfg = one_engine_config(args.model, paths.runs_dir() / "fidelity", name="fidelity")
+        with running_stack(cfg, "none") as stack:
+            rows = compare(args, stack.engine_url(), cfg.engines[0].public_name)
     med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in rows.items()}
     ours, ref = med["lorafleet bench"], med["vllm bench serve"]
     for m in ("output_tok_per_s", "ttft_p50_s"):

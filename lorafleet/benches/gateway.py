@@ -18,16 +18,17 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-import yaml
-
-from lorafleet.core.net import free_port
+from loadtest.client import ClientPool, RequestRecord, auth_headers, build_body, endpoint, stream_request
+from loadtest.config import Target
+from lorafleet.core import paths
+from lorafleet.stack import Stack, one_engine_config, running_stack
+from train.export import random_adapter
+from train.models import model_path
 
 KEY = "sk-bench"
 PROMPTS = [f"Write a short story about a lighthouse keeper and the number {i}." for i in range(64)]
@@ -51,62 +52,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def random_adapter(base: Path, out: Path, r: int = 8) -> Path:
-    """A random r=8 LoRA on every linear layer: the cost of serving it does not depend on what it learned."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=16, target_modules=targets, init_lora_weights=False))
-    peft_model.save_pretrained(out)
-    return out
-
-
-# -- load generation
-
-
-async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """One streaming chat request: (seconds to first content, completion tokens from usage)."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0, ttft, tokens = time.perf_counter(), None, 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[6:])
-            if ttft is None and any((c.get("delta") or {}).get("content") for c in obj.get("choices") or []):
-                ttft = time.perf_counter() - t0
-            if obj.get("usage"):
-                tokens = obj["usage"]["completion_tokens"]
-    return (ttft if ttft is not None else float("nan")), tokens
+# -- load generation: the harness's client (loadtest/client.py), so TTFT and tokens mean what they mean there
 
 
 async def load(url: str, models: list[str], n: int, concurrency: int, max_tokens: int) -> dict:
-    sem = asyncio.Semaphore(concurrency)
-    headers = {"Authorization": f"Bearer {KEY}"}
-    async with httpx.AsyncClient(timeout=600, headers=headers, limits=httpx.Limits(max_connections=None)) as client:
+    """n streaming chat requests, `concurrency` at a time, forced to max_tokens; any failure raises."""
+    target = Target(name="bench", base_url=f"{url}/v1", model=models[0], api_key=KEY, price={"usd_per_hour": 1})
+    sem, headers = asyncio.Semaphore(concurrency), auth_headers(KEY)
 
-        async def task(i: int) -> tuple[float, int]:
-            async with sem:
-                return await one(client, url, models[i % len(models)], PROMPTS[i % len(PROMPTS)], max_tokens)
+    async def one(pool: ClientPool, i: int, t0: float) -> RequestRecord:
+        model, prompt = models[i % len(models)], [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        body = build_body(target, model, prompt, max_tokens, force_output_len=True)
+        async with sem, pool.lease() as client:
+            return await stream_request(client, endpoint(target), headers, body, RequestRecord(model, 0.0), t0)
 
+    async with ClientPool(timeout_s=600) as pool:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(task(i) for i in range(n)))
+        records = await asyncio.gather(*(one(pool, i, t0) for i in range(n)))
         wall = time.perf_counter() - t0
-    tokens = sum(t for _, t in results)
-    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttfts": [t for t, _ in results]}
+    failed = [r for r in records if not r.ok]
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} of {n} requests to {url} failed; first: {failed[0].status} {failed[0].error}"
+        )
+    tokens = sum(r.output_tokens for r in records)
+    ttfts = [r.ttft if r.ttft is not None else float("nan") for r in records]
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttfts": ttfts}
 
 
 def run_load(*args) -> dict:
@@ -115,57 +86,6 @@ def run_load(*args) -> dict:
 
 def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000
-
-
-# -- processes
-
-
-def start_engine(model: str, max_loras: int, log_dir: Path):
-    from serve.engines.engine import Engine, EngineSpec
-    from train.models import model_path
-
-    path = model_path(model)
-    spec = EngineSpec(
-        name="bench", model=path, port=free_port(), served_name=model, max_loras=max_loras, max_cpu_loras=max_loras + 8
-    )
-    engine = Engine(spec, log_dir / "engine.log").start()
-    print(f"==> starting vLLM ({model}) on {spec.url} ...", flush=True)
-    engine.wait_ready()
-    print(f"==> engine ready in {engine.ready_seconds:.0f} s", flush=True)
-    return engine, path
-
-
-def start_gateway(cfg: dict, work: Path) -> tuple[subprocess.Popen, str]:
-    cfg_file = work / "gateway.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    port = cfg["gateway"]["port"]
-    cmd = [sys.executable, "-m", "lorafleet.cli.serve", str(cfg_file), "--no-engines"]
-    proc = subprocess.Popen(cmd, stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited:\n{(work / 'gateway.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("gateway did not start")
-
-
-def gateway_config(model: str, model_dir: Path, engine_url: str, root: Path, adapters: list[str]) -> dict:
-    from serve.gateway.tenants import hash_key
-
-    return {
-        "gateway": {"port": free_port(), "max_tokens_cap": 4096, "log_dir": str(root)},
-        "adapters_root": str(root),
-        "engines": [{"name": "bench", "model": str(model_dir), "served_name": model, "urls": [engine_url]}],
-        "adapters": [{"name": a, "path": a, "base": model} for a in adapters],
-        "tenants": [{"name": "bench", "api_key_hashes": [hash_key(KEY)], "models": ["*"]}],
-    }
 
 
 # -- the three measurements
@@ -236,43 +156,50 @@ def many_adapters(args, gateway: str, adapters: list[str]) -> dict:
     }
 
 
+def make_adapters(base: Path, root: Path, names: list[str]) -> None:
+    """A random r=8 LoRA on every linear layer under each name: the cost of serving one does not depend on what it
+    learned; the same weights under another name are another adapter to vLLM."""
+    print(f"==> making {len(names)} random r=8 adapters", flush=True)
+    random_adapter(base, root / names[0])
+    for name in names[1:]:
+        shutil.copytree(root / names[0], root / name)
+
+
+def measure(args: argparse.Namespace, stack: Stack, adapters: list[str], cold: list[str]) -> dict:
+    direct, gateway, model = stack.engine_url(), stack.url, stack.cfg.engines[0].public_name
+    run_load(direct, [model], 2, 2, 4)  # warm-up both paths
+    run_load(gateway, [model], 2, 2, 4)
+    print(
+        f"==> 1/3 gateway overhead: {args.rounds} rounds x {args.requests} requests, c={args.concurrency}, "
+        f"{args.max_tokens} output tokens, base model",
+        flush=True,
+    )
+    results = {"overhead": overhead(args, direct, gateway, model, stack.gateway_pid)}
+    print(f"==> 2/3 cold adapter first token ({len(cold)} adapters)", flush=True)
+    results["cold_adapter"] = cold_adapter(args, gateway, cold)
+    print(f"==> 3/3 {len(adapters)} distinct adapters vs 1", flush=True)
+    results["adapters"] = many_adapters(args, gateway, adapters)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lorafleet.core import paths
-
-    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))  # kept when the run fails: the logs are in it
     adapters = [f"a{i}" for i in range(args.adapters)]
     cold = [f"cold-{i}" for i in range(args.cold)]
-    engine = gateway_proc = None
-    try:
-        engine, model_dir = start_engine(args.model, args.adapters, work)
-        print("==> making random r=8 adapters", flush=True)
-        random_adapter(model_dir, work / adapters[0])
-        for name in adapters[1:] + cold:  # same weights, another name: another adapter to vLLM
-            shutil.copytree(work / adapters[0], work / name)
-        gateway_proc, gateway = start_gateway(
-            gateway_config(args.model, model_dir, engine.spec.url, work, adapters + cold), work
-        )
-        direct = engine.spec.url
-        run_load(direct, [args.model], 2, 2, 4)  # warm-up both paths
-        run_load(gateway, [args.model], 2, 2, 4)
-
-        print(
-            f"==> 1/3 gateway overhead: {args.rounds} rounds x {args.requests} requests, c={args.concurrency}, "
-            f"{args.max_tokens} output tokens, base model",
-            flush=True,
-        )
-        results = {"overhead": overhead(args, direct, gateway, args.model, gateway_proc.pid)}
-        print(f"==> 2/3 cold adapter first token ({len(cold)} adapters)", flush=True)
-        results["cold_adapter"] = cold_adapter(args, gateway, cold)
-        print(f"==> 3/3 {len(adapters)} distinct adapters vs 1", flush=True)
-        results["adapters"] = many_adapters(args, gateway, adapters)
-    finally:
-        if gateway_proc is not None:
-            gateway_proc.terminate()
-            gateway_proc.wait(30)
-        if engine is not None:
-            engine.stop()
+    make_adapters(model_path(args.model), work, adapters + cold)
+    cfg = one_engine_config(
+        args.model,
+        work,
+        adapters + cold,
+        tenants={"bench": (KEY, ["*"])},
+        gateway={"max_tokens_cap": 4096},
+        name="bench",
+        max_loras=args.adapters,
+        max_cpu_loras=args.adapters + 8,
+    )
+    with running_stack(cfg, "process") as stack:  # the gateway in its own process, as in production
+        results = measure(args, stack, adapters, cold)
     results["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     report(results)
     out = Path(args.out) if args.out else paths.runs_dir() / "serve-bench"

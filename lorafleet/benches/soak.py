@@ -26,6 +26,12 @@ from pathlib import Path
 
 import httpx
 
+from lorafleet.core import paths
+from lorafleet.stack import one_engine_config, running_stack
+from serve.config import ServeConfig
+from train.export import random_adapter
+from train.models import model_path
+
 TENANTS = ("soak-a", "soak-b")
 ADAPTERS = ("soak-lora-1", "soak-lora-2")
 WORDS = "lighthouse river engine harbor lantern market garden winter copper signal".split()
@@ -94,6 +100,9 @@ def _body(target: Target, stream: bool, max_tokens: int, rng: random.Random) -> 
 
 
 async def _one(client: httpx.AsyncClient, s: SoakSettings, t0: float, rng: random.Random) -> Result:
+    # Not loadtest.client.stream_request: errors are what a soak looks for, and this checks what that client
+    # does not: that every stream ends with `data: [DONE]` (a gateway that ends a stream early without an error
+    # event passes there), and half the requests are not streamed at all.
     target, stream = rng.choice(s.targets), rng.random() < s.stream_share
     body = _body(target, stream, s.max_tokens, rng)
     headers = {"Authorization": f"Bearer {target.key}"}
@@ -285,44 +294,21 @@ def _targets(specs: list[str]) -> list[Target]:
     return targets
 
 
-def _start_stack(args: argparse.Namespace, work: Path):
-    """One engine, two random adapters and the gateway as its own process; keys of two tenants."""
-    from lorafleet.benches.gateway import random_adapter
-    from lorafleet.core.net import free_port, start_engine, start_gateway
-    from serve.gateway.tenants import hash_key
-
-    engine, model_dir = start_engine(args.model, len(ADAPTERS), work)
-    random_adapter(model_dir, work / ADAPTERS[0])
-    shutil.copytree(work / ADAPTERS[0], work / ADAPTERS[1])  # another name: another adapter to vLLM
+def _stack_config(args: argparse.Namespace, work: Path) -> tuple[ServeConfig, list[Target]]:
+    """One engine with two random adapters (same weights, two names: two adapters to vLLM), two tenants with a key
+    each, each allowed the base model and its own adapter; and the targets the soak sends to."""
+    random_adapter(model_path(args.model), work / ADAPTERS[0])
+    shutil.copytree(work / ADAPTERS[0], work / ADAPTERS[1])
+    base = Path(args.model).name  # the engine's served name: the model id, or its folder's name
     keys = {t: f"sk-{t}" for t in TENANTS}
-    cfg = {
-        "gateway": {"port": free_port(), "log_dir": str(work)},
-        "adapters_root": str(work),
-        "engines": [{"name": "soak", "model": str(model_dir), "served_name": args.model, "urls": [engine.spec.url]}],
-        "adapters": [{"name": a, "path": a, "base": args.model} for a in ADAPTERS],
-        "tenants": [
-            {"name": t, "api_key_hashes": [hash_key(keys[t])], "models": [args.model, a]}
-            for t, a in zip(TENANTS, ADAPTERS, strict=True)
-        ],
-    }
-    proc, url = start_gateway(cfg, work)
-    targets = [Target(keys[t], m) for t, a in zip(TENANTS, ADAPTERS, strict=True) for m in (args.model, a)]
-    return engine, proc, url, targets
+    tenants = {t: (keys[t], [base, a]) for t, a in zip(TENANTS, ADAPTERS, strict=True)}
+    cfg = one_engine_config(args.model, work, ADAPTERS, tenants, name="soak", max_loras=len(ADAPTERS))
+    return cfg, [Target(keys[t], m) for t, (_, models) in tenants.items() for m in models]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from lorafleet.core import paths
-
-    work = Path(tempfile.mkdtemp(prefix="lorafleet-soak-"))
-    engine = proc = None
-    try:
-        if args.gateway:
-            url, targets, pid = args.gateway.rstrip("/"), _targets(args.target), args.gateway_pid
-        else:
-            engine, proc, url, targets = _start_stack(args, work)
-            pid = proc.pid
-        settings = SoakSettings(
+def _soak(args: argparse.Namespace, url: str, targets: list[Target], pid: int | None) -> SoakReport:
+    return run_soak(
+        SoakSettings(
             gateway=url,
             targets=targets,
             seconds=args.seconds,
@@ -332,14 +318,25 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens,
             rss_pid=pid,
         )
-        report = run_soak(settings)
+    )
+
+
+def _started_and_soaked(args: argparse.Namespace) -> SoakReport:
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-soak-"))
+    try:
+        cfg, targets = _stack_config(args, work)
+        with running_stack(cfg, "process") as stack:  # the gateway in its own process: RSS and CPU are its own
+            return _soak(args, stack.url, targets, stack.gateway_pid)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-        if engine is not None:
-            engine.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.gateway:
+        report = _soak(args, args.gateway.rstrip("/"), _targets(args.target), args.gateway_pid)
+    else:
+        report = _started_and_soaked(args)
     print_report(report)
     out = Path(args.out) if args.out else paths.runs_dir() / "serve-soak"
     out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="YAML file, or a built-in config name (tiny, manifest, contract, drugs)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. max_steps=3")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override fields, e.g. max_steps=3 lr=2e-3")
     p.set_defaults(func=_run)
 
 
@@ -149,7 +149,8 @@ def _add_curve(sub: argparse._SubParsersAction) -> None:
 
 
 def _curve(args: argparse.Namespace) -> int:
-    from train.config import ConfigError, parse_overrides
+    from lorafleet.core.config import parse_overrides
+    from train.config import ConfigError
     from train.evaluate import format_curve, learning_curve
 
     try:

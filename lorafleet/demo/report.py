@@ -78,8 +78,13 @@ def accuracy_rows(results: dict, tasks: dict[str, str]) -> list[dict[str, Any]]:
     return rows
 
 
-def claims(acc: list[dict], results: dict, training: dict[str, dict]) -> list[str]:
-    """One sentence per claim: holds / does not hold, with the numbers."""
+def model_label(model: str) -> str:
+    """How the report names a model id or a local HF folder (its last path part)."""
+    return Path(model).name
+
+
+def claims(acc: list[dict], results: dict, training: dict[str, dict], small: str, generalist: str) -> list[str]:
+    """One sentence per claim: holds / does not hold, with the numbers. `small`/`generalist`: the plan's models."""
     out = []
     for r in acc:
         if r["gain"] is None:
@@ -87,7 +92,8 @@ def claims(acc: list[dict], results: dict, training: dict[str, dict]) -> list[st
             continue
         verdict = "HOLDS" if r["gain"] >= ACCURACY_GAIN else "DOES NOT HOLD"
         out.append(
-            f"Accuracy ({r['tenant']}/{r['task']}): fine-tuned SmolLM2-135M {_pct(r['lora'])} vs Gemma-3-270M "
+            f"Accuracy ({r['tenant']}/{r['task']}): fine-tuned {model_label(small)} {_pct(r['lora'])} vs "
+            f"{model_label(generalist)} "
             f"few-shot {_pct(r['generalist_few'])}: {100 * r['gain']:+.0f} points; the claim of at least "
             f"+{100 * ACCURACY_GAIN:.0f} points {verdict}."
         )
@@ -265,18 +271,20 @@ def write_demo_report(
         plot_curve(points, run_dir / "learning_curve.png")
         plots.append(("learning_curve.png", "Learning curve: held-out accuracy vs training examples"))
 
-    blocks: list[tuple] = [("h1", "lorafleet demo: fine-tuned small specialists vs a 2x larger generalist")]
+    small, generalist = model_label(plan.small), model_label(plan.generalist)
+    found = claims(acc, results, training, plan.small, plan.generalist)
+    blocks: list[tuple] = [("h1", f"lorafleet demo: fine-tuned {small} specialists vs the {generalist} generalist")]
     price = f"Hardware price for every self-hosted target: ${plan.usd_per_hour}/hour (the whole machine; targets are "
     price += "measured one at a time)." + (" Quick mode: smaller data, shorter load steps." if plan.quick else "")
     blocks.append(("p", price))
-    blocks += [("h2", "Claims"), *(("p", "- " + c) for c in claims(acc, results, training))]
+    blocks += [("h2", "Claims"), *(("p", "- " + c) for c in found)]
     blocks += [("h2", "Accuracy (held-out split, through the gateway)"), ("table", *_accuracy_table(acc))]
     blocks += [("h2", "Latency and cost at the SLO (goodput)"), ("table", *_cost_table(results, plan.usd_per_hour))]
     blocks += [("h2", "Training"), ("table", *_training_table(training))]
-    if curve.get("points"):
-        rows = [[str(p["train_examples"]), _pct(p["accuracy"]), _s(p["train_seconds"])] for p in curve["points"]]
+    if len(points) > 1:
+        rows = [[str(n), _pct(a), _s(t)] for n, a, t in points]
         blocks += [
-            ("h2", f"Learning curve ({curve.get('task')})"),
+            ("h2", f"Learning curve ({plan.curve_task})"),
             ("table", ["examples", "accuracy", "train time"], rows),
         ]
     blocks += [("h2", "Step timings"), ("table", ["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])]
@@ -285,6 +293,6 @@ def write_demo_report(
                         f"{bench_dir / 'report.md'}."))  # fmt: skip
     (run_dir / "report.md").write_text(to_markdown(blocks))
     (run_dir / "report.html").write_text(to_html(blocks, run_dir, "lorafleet demo"))
-    summary = [("h2", "Claims"), *(("p", "- " + c) for c in claims(acc, results, training))]
+    summary = [("h2", "Claims"), *(("p", "- " + c) for c in found)]
     return to_markdown([("table", *_accuracy_table(acc)), ("table", *_cost_table(results, plan.usd_per_hour)),
                         *summary])  # fmt: skip

@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,12 +19,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import yaml
 
 from lorafleet.core.errors import UserError
 from lorafleet.core.paths import adapters_dir, home, runs_dir
 from lorafleet.demo.report import write_demo_report
+from lorafleet.stack import running_stack, write_config
+from serve.config import ServeConfig, parse_config
+from train.config import RUN_ONLY_FIELDS  # fields that never force a retrain
+from train.models import SPECS, ensure
 
 SMALL, GENERALIST = "smollm2-135m-instruct", "gemma-3-270m"
 # tenant -> (task, demo API key); the keys' hashes are in serve/default.yaml.
@@ -92,10 +94,6 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# Config fields that change how a run is watched, not the adapter it produces: they never force a retrain.
-RUN_ONLY_FIELDS = {"eval_every", "save_every", "keep_checkpoints", "progress", "threads", "resume"}
-
-
 def adapter_key(cfg) -> str:
     return _digest({k: v for k, v in cfg.to_dict().items() if k not in RUN_ONLY_FIELDS})
 
@@ -125,8 +123,6 @@ def train_adapter(task: str, plan: DemoPlan, log: Path, n: int | None = None, na
 
 def served_name(model: str) -> str:
     """What clients send as `model`: the lorafleet id, or the folder name of a local HF model."""
-    from train.models import SPECS
-
     return model if model in SPECS else Path(model).name
 
 
@@ -137,9 +133,10 @@ def on_gpu() -> bool:
         return False
 
 
-def serve_config(plan: DemoPlan) -> dict:
+def serve_config(plan: DemoPlan) -> ServeConfig:
     """The embedded default deployment with the plan's models, plus the hot tenant's adapter served merged."""
-    cfg = yaml.safe_load((Path(__file__).parents[2] / "serve" / "default.yaml").read_text())
+    source = Path(__file__).parents[2] / "serve" / "default.yaml"
+    cfg = yaml.safe_load(source.read_text())
     cfg["gateway"]["port"] = plan.gateway_port
     small, general = served_name(plan.small), served_name(plan.generalist)
     renames = {SMALL: small, GENERALIST: general}
@@ -169,49 +166,7 @@ def serve_config(plan: DemoPlan) -> dict:
         next(t for t in cfg["tenants"] if t["name"] == "acme")["models"].append(merged["name"])
     next(t for t in cfg["tenants"] if t["name"] == "globex")["models"].extend(a["name"] for a in curve)
     cfg["prices"] = {renames.get(m, m): p for m, p in cfg["prices"].items()}
-    return cfg
-
-
-@contextmanager
-def running_gateway(config_path: Path, log: Path, plan: DemoPlan, timeout: float = 900):
-    """`lorafleet serve CONFIG` as a child process; ready when the gateway lists a tenant's models."""
-    with open(log, "ab") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "serve", "run", str(config_path)],
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{plan.gateway_port}"
-    try:
-        _wait_gateway(proc, url, log, timeout)
-        yield url
-    finally:
-        _stop(proc)
-
-
-def _wait_gateway(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
-    deadline, key = time.time() + timeout, TENANTS["acme"][1]
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-            raise RuntimeError(f"lorafleet serve exited with code {proc.returncode}:\n{tail}")
-        try:
-            r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=2)
-            up = httpx.get(f"{url}/health", timeout=2)
-            if r.status_code == 200 and up.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"gateway not ready after {timeout:.0f} s")
-
-
-def _stop(proc: subprocess.Popen, grace: float = 60) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(os.getpgid(proc.pid), signal.SIGINT)  # serve stops its engines on SIGINT
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
-        proc.wait()
+    return parse_config(cfg, f"{source}, as the demo serves it")
 
 
 def bench_config(plan: DemoPlan, gateway: str, out_dir: Path) -> dict:
@@ -304,8 +259,6 @@ def demo(plan: DemoPlan) -> Path:
     steps = Steps(run_dir, total=6)
     print(f"lorafleet demo{' (quick)' if plan.quick else ''}: writing {run_dir}")
     with steps.step("models") as log:
-        from train.models import ensure
-
         for model in (plan.small, plan.generalist):
             print(f"    {model}: {ensure(model)}")
     training = {}
@@ -315,9 +268,10 @@ def demo(plan: DemoPlan) -> Path:
             training[task] = train_adapter(task, plan, log)
     with steps.step(f"learning curve ({plan.curve_task})") as log:
         curve = train_curve(plan, log)
-    config_path = run_dir / "serve.yaml"
-    config_path.write_text(yaml.safe_dump(serve_config(plan), sort_keys=False))
-    with steps.step("serve") as log, running_gateway(config_path, log, plan) as gateway:
+    served = serve_config(plan)
+    write_config(served, run_dir / "serve.yaml")  # what was served, beside the report
+    with steps.step("serve") as log, running_stack(served, "process", gateway_log=log) as stack:
+        gateway = stack.url
         merged = f", {MERGED_TASK}-merged" if plan.merged else ""
         print(f"    gateway up at {gateway}: {plan.small} + adapters{merged}, {plan.generalist}")
         steps.n += 1

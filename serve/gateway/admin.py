@@ -1,31 +1,31 @@
 """The admin API's logic: register and remove adapters at run time, report tenants and their usage.
 
 An adapter is checked (inside the adapters root, servable by vLLM on its base) before any engine sees it; it is
-loaded into an engine on its first request.
+loaded into an engine on its first request. Each function takes only the parts of the gateway it works on.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from pydantic import ValidationError
 
+from serve.config import EngineConfig, ServeConfig
 from serve.engines.deploy import AdapterPathError, adapter_dir, check_adapter
+from serve.gateway.limits import Limiter
 from serve.gateway.protocol import ApiError, RegisterAdapter, bad_request
-from serve.gateway.tenants import bearer_key, key_matches
-
-if TYPE_CHECKING:
-    from serve.gateway.app import Gateway
+from serve.gateway.registry import Registry
+from serve.gateway.tenants import TenantStore, bearer_key, key_matches
 
 
-def require_admin(gw: Gateway, authorization: str | None) -> None:
-    stored, key = gw.cfg.gateway.admin_key_hash, bearer_key(authorization)
-    if stored is None:
+def check_admin_key(stored_hash: str | None, authorization: str | None) -> None:
+    key = bearer_key(authorization)
+    if stored_hash is None:
         raise ApiError(
             401, "the admin API is off: set gateway.admin_key_hash", "authentication_error", code="admin_off"
         )
-    if key is None or not key_matches(key, stored):
+    if key is None or not key_matches(key, stored_hash):
         raise ApiError(
             401,
             "admin key required: send `Authorization: Bearer ADMIN_KEY`",
@@ -43,23 +43,38 @@ def parse_register(raw: bytes) -> RegisterAdapter:
         raise bad_request(f"{field or 'body'}: {err['msg']}", param=field) from None
 
 
-async def register_adapter(gw: Gateway, req: RegisterAdapter) -> dict:
-    if gw.registry.resolve(req.name) is not None:
+async def register_adapter(
+    req: RegisterAdapter, *, cfg: ServeConfig, registry: Registry, tenants: TenantStore, root: Path
+) -> dict:
+    """Check the adapter named in `req` (the cheap checks first, the disk last) and make it servable."""
+    engine = _engine_for_new(req, cfg, registry, tenants)
+    folder = await _servable_folder(root, req.path, engine)
+    registry.add_adapter(req.name, folder, req.base)
+    tenants.grant(req.name, req.tenants)
+    return {"name": req.name, "base": req.base, "path": str(folder), "tenants": req.tenants}
+
+
+def _engine_for_new(req: RegisterAdapter, cfg: ServeConfig, registry: Registry, tenants: TenantStore) -> EngineConfig:
+    if registry.resolve(req.name) is not None:
         raise ApiError(
             409,
             f"model {req.name!r} already exists; DELETE /admin/adapters/{req.name} first",
             param="name",
             code="conflict",
         )
-    engine = gw.cfg.engine_for(req.base)
+    engine = cfg.engine_for(req.base)
     if engine is None or not engine.enable_lora:
-        bases = sorted(e.public_name for e in gw.cfg.engines if e.enable_lora)
+        bases = sorted(e.public_name for e in cfg.engines if e.enable_lora)
         raise bad_request(f"base {req.base!r} is not a LoRA-enabled base model; choose one of {bases}", param="base")
-    unknown = sorted(set(req.tenants) - set(gw.tenants.tenants))
+    unknown = sorted(set(req.tenants) - set(tenants.tenants))
     if unknown:
-        raise bad_request(f"unknown tenants {unknown}; known: {sorted(gw.tenants.tenants)}", param="tenants")
+        raise bad_request(f"unknown tenants {unknown}; known: {sorted(tenants.tenants)}", param="tenants")
+    return engine
+
+
+async def _servable_folder(root: Path, path: str, engine: EngineConfig) -> Path:
     try:
-        folder = adapter_dir(gw.adapters_root, req.path)
+        folder = adapter_dir(root, path)
     except AdapterPathError as e:
         raise bad_request(str(e), param="path") from None
     # Reading the weights' headers touches the disk: keep it off the event loop.
@@ -71,28 +86,26 @@ async def register_adapter(gw: Gateway, req: RegisterAdapter) -> dict:
         raise bad_request(
             "vLLM would refuse this adapter: " + "; ".join(problems), param="path", code="invalid_adapter"
         )
-    gw.registry.add_adapter(req.name, folder, req.base)
-    gw.tenants.grant(req.name, req.tenants)
-    return {"name": req.name, "base": req.base, "path": str(folder), "tenants": req.tenants}
+    return folder
 
 
-async def remove_adapter(gw: Gateway, name: str) -> dict:
-    model = gw.registry.resolve(name)
+async def remove_adapter(name: str, *, registry: Registry, tenants: TenantStore) -> dict:
+    model = registry.resolve(name)
     if model is None:
         raise ApiError(404, f"no adapter {name!r}", code="model_not_found")
     if model.kind != "lora":
         raise bad_request(f"{name!r} is a {model.kind} model, not a LoRA adapter; change the config to remove it")
-    await gw.registry.remove_adapter(name)
-    gw.tenants.revoke(name)
+    await registry.remove_adapter(name)
+    tenants.revoke(name)
     return {"deleted": name}
 
 
-def adapters_report(gw: Gateway) -> dict:
+def adapters_report(registry: Registry) -> dict:
     rows = []
-    for m in gw.registry.models.values():
+    for m in registry.models.values():
         if m.kind == "base":
             continue
-        loaded = [r.name for r in gw.registry.groups[m.engine] if m.name in r.loaded or m.kind == "merged"]
+        loaded = [r.name for r in registry.groups[m.engine] if m.name in r.loaded or m.kind == "merged"]
         rows.append(
             {
                 "name": m.name,
@@ -105,9 +118,9 @@ def adapters_report(gw: Gateway) -> dict:
     return {"adapters": rows}
 
 
-def tenants_report(gw: Gateway) -> dict:
+def tenants_report(tenants: TenantStore, limiter: Limiter) -> dict:
     rows = []
-    for t in gw.tenants.tenants.values():
+    for t in tenants.tenants.values():
         u = t.usage
         rows.append(
             {
@@ -119,9 +132,9 @@ def tenants_report(gw: Gateway) -> dict:
                     "prompt_tokens": u.prompt_tokens,
                     "completion_tokens": u.completion_tokens,
                     "cost_usd": round(u.cost_usd, 9),
-                    **gw.limiter.usage(t.name),
+                    **limiter.usage(t.name),
                 },
-                "utilization": gw.limiter.utilization(t.name, t.limits),
+                "utilization": limiter.utilization(t.name, t.limits),
             }
         )
     return {"tenants": rows}

@@ -1,8 +1,8 @@
-"""The gateway: one object holding its parts, the FastAPI app around it, and a way to run it in a thread."""
+"""The FastAPI app around a Gateway (gateway.py): its routes, its error handlers, its OpenAPI document, and a way
+to run it with uvicorn in a thread."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,73 +18,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from serve.config import ServeConfig
-from serve.engines.deploy import adapters_root, configured_adapters
 from serve.engines.supervisor import Supervisor
 from serve.gateway import routes
-from serve.gateway.limits import Limiter
-from serve.gateway.metrics import Metrics
+from serve.gateway.gateway import Gateway
 from serve.gateway.protocol import ApiError, error_body, openapi_components
-from serve.gateway.proxy import Proxy
-from serve.gateway.registry import Registry
-from serve.gateway.tenants import TenantStore
+
+__all__ = ["Gateway", "ServerThread", "create_app", "uvicorn_config"]  # Gateway: importable from here as before
 
 log = logging.getLogger("lorafleet.serve")
-
-
-class Gateway:
-    """Tenants, limits, the adapter registry, the proxy and their metrics; one per served config."""
-
-    def __init__(
-        self, cfg: ServeConfig, adapter_paths: dict[str, Path] | None = None, supervisor: Supervisor | None = None
-    ):
-        self.cfg = cfg
-        self.metrics = Metrics()
-        self.tenants = TenantStore(cfg.tenants)
-        self.limiter = Limiter()
-        self.adapters_root = adapters_root(cfg)
-        paths = configured_adapters(cfg) if adapter_paths is None else adapter_paths
-        self.registry = Registry(cfg, self.metrics, paths)
-        self.proxy = Proxy(self)
-        self.supervisor = supervisor
-        self.client: httpx.AsyncClient | None = None
-        self._tasks: list[asyncio.Task] = []
-        for name in self.tenants.tenants:  # every tenant has its series from the start, at 0
-            self.metrics.inflight.labels(name).set(0)
-        self.refresh_gauges()
-
-    async def start(self) -> None:
-        g = self.cfg.gateway
-        # One client for every engine call: keep-alive connections are reused instead of a TCP handshake each.
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(g.request_timeout_s, connect=g.connect_timeout_s),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            trust_env=False,  # engines are local; a proxy from the environment must not sit in between
-        )
-        self.registry.client = self.client
-        await self.registry.check_health(timeout=g.connect_timeout_s)
-        self._tasks.append(asyncio.create_task(self.registry.health_loop(g.health_interval_s, g.connect_timeout_s)))
-        if self.supervisor is not None:
-            self.supervisor.on_restart = self.registry.replica_restarted
-            self.supervisor.on_down = self._engine_down
-            self._tasks.append(asyncio.create_task(self.supervisor.run()))
-
-    def _engine_down(self, name: str) -> None:
-        replica = self.registry.replica(name)
-        if replica is not None:
-            self.registry.mark_unreachable(replica)
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.client is not None:
-            await self.client.aclose()
-
-    def refresh_gauges(self) -> None:
-        """Per-minute utilization decays with time, not with requests: compute it when scraped."""
-        for t in self.tenants.tenants.values():
-            for limit, share in self.limiter.utilization(t.name, t.limits).items():
-                self.metrics.quota.labels(t.name, limit).set(share)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

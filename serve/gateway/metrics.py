@@ -7,7 +7,13 @@ the gateway does not know is labelled "unknown", so clients cannot grow the seri
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from serve.gateway.limits import Limiter
+    from serve.gateway.tenants import TenantStore
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2, 5)
@@ -47,6 +53,12 @@ class Metrics:
         self.price = Gauge(
             "lorafleet_price_usd_per_hour", "What an engine costs to run", ["upstream", "model"], registry=r
         )
+
+    def refresh_quota(self, tenants: TenantStore, limiter: Limiter) -> None:
+        """Per-minute utilization decays with time, not with requests: compute it when scraped."""
+        for t in tenants.tenants.values():
+            for limit, share in limiter.utilization(t.name, t.limits).items():
+                self.quota.labels(t.name, limit).set(share)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from loadtest.config import parse_config as parse_bench
 from lorafleet.cli import main
 from lorafleet.demo.report import accuracy_rows, claims, curve_points, write_demo_report
-from lorafleet.demo.run import TENANTS, DemoPlan, bench_config, on_gpu, serve_config
+from lorafleet.demo.run import TENANTS, DemoPlan, adapter_key, bench_config, on_gpu, serve_config
+from lorafleet.stack import write_config
 from serve.config import parse_config as parse_serve
+from train.config import load_config
 
 
 def test_generated_serve_config_is_valid_and_adds_the_merged_adapter():
-    cfg = parse_serve(serve_config(DemoPlan()))
+    cfg = serve_config(DemoPlan())  # parse_config has checked it
     modes = {a.name: a.mode for a in cfg.adapters}
     curve = {f"contract-n{n}": "lora" for n in DemoPlan().curve_sizes}
     assert modes == {"manifest": "lora", "contract": "lora", "drugs": "lora", "manifest-merged": "merged", **curve}
@@ -26,7 +29,7 @@ def test_generated_serve_config_is_valid_and_adds_the_merged_adapter():
 
 
 def test_quick_adapters_live_apart_from_the_full_ones_under_the_same_names(tmp_path):
-    full, quick = parse_serve(serve_config(DemoPlan())), parse_serve(serve_config(DemoPlan.make(quick=True)))
+    full, quick = serve_config(DemoPlan()), serve_config(DemoPlan.make(quick=True))
     assert {a.name: a.path for a in full.adapters}["manifest-merged"] == "manifest"
     paths = {a.name: a.path for a in quick.adapters}
     assert paths == {"manifest": "quick-manifest", "contract": "quick-contract", "drugs": "quick-drugs"}
@@ -37,11 +40,17 @@ def test_quick_adapters_live_apart_from_the_full_ones_under_the_same_names(tmp_p
 def test_models_option_renames_everything_consistently(tmp_path):
     small, big = tmp_path / "llama-8b", tmp_path / "llama-70b"
     plan = DemoPlan(small=str(small), generalist=str(big))
-    cfg = parse_serve(serve_config(plan))
+    cfg = serve_config(plan)
     assert [e.public_name for e in cfg.engines] == ["llama-8b", "llama-70b"]
     assert {a.base for a in cfg.adapters} == {"llama-8b"}
     bench = parse_bench(bench_config(plan, "http://127.0.0.1:8080", tmp_path / "out"))
     assert {t.name: t.model for t in bench.targets}["generalist"] == "llama-70b"
+
+
+def test_the_config_file_the_gateway_process_reads_is_the_same_config(tmp_path):
+    cfg = serve_config(DemoPlan())
+    path = write_config(cfg, tmp_path / "serve.yaml")
+    assert parse_serve(yaml.safe_load(path.read_text())) == cfg
 
 
 def test_generated_bench_config_scores_every_tenant_against_every_baseline(tmp_path):
@@ -85,7 +94,7 @@ def test_claims_say_plainly_whether_each_holds(lora_acc, gen_acc, lora_cost, acc
     results = _results(lora_acc, gen_acc, lora_cost, gen_cost=1.0)
     training = {t: {"params": {"trainable": 2_442_240, "share": 0.0178}, "config": {"r": 16, "top_layers": 15}}
                 for t, _ in TENANTS.values()}  # fmt: skip
-    lines = claims(accuracy_rows(results, {n: t for n, (t, _) in TENANTS.items()}), results, training)
+    lines = claims(accuracy_rows(results, {n: t for n, (t, _) in TENANTS.items()}), results, training, "smol", "gen")
     acc_lines = [line for line in lines if line.startswith("Accuracy")]
     assert len(acc_lines) == 3 and all(accuracy_verdict in line for line in acc_lines)
     lora_line = next(line for line in lines if line.startswith("Cost (LoRA"))
@@ -138,9 +147,6 @@ def test_demo_registered_in_cli_help(capsys):
 
 
 def test_adapter_key_ignores_how_a_run_is_watched_but_not_what_it_trains():
-    from lorafleet.demo.run import adapter_key
-    from train.config import load_config
-
     base = {"base_model": "tiny-random-llama", "task": "contract", "n": 50}
     key = adapter_key(load_config(None, base))
     assert adapter_key(load_config(None, base | {"eval_every": 7, "progress": False})) == key

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from serve.config import ServeConfig, parse_config
 from serve.gateway.tenants import hash_key
 from tests.conftest import MODELS, free_port
 from tests.serve.fake_engine import FakeEngine
+from train.export import random_adapter
 
 KEYS = {name: f"sk-test-{name}" for name in ("acme", "globex", "tight", "single", "meter")}
 ADMIN_KEY = "sk-test-admin"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def tenant(name: str, models: list[str], **limits) -> dict:
@@ -48,19 +47,8 @@ def config(
 
 
 def make_random_adapter(base_path: Path, out_dir: Path, seed: int = 0, r: int = 8) -> Path:
-    """A LoRA adapter with random non-zero A and B on every linear layer (as tests/e2e/test_vllm_smoke.py)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0.0, 0.2)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
+    """A random LoRA adapter strong enough (std 0.2) to change the model's answers (tests/e2e/test_vllm_smoke.py)."""
+    return random_adapter(base_path, out_dir, seed=seed, r=r, std=0.2)
 
 
 def metric(text: str, name: str, **labels) -> float:

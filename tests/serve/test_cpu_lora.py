@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from serve.engines import cpu_lora
-from tests.serve.conftest import TARGETS
+from train.export import random_adapter
 
 SLOTS, RANK = 4, 16
 
@@ -104,19 +104,7 @@ def test_entry_point_is_registered_with_vllm():
 
 def small_adapter(base_path, out_dir, seed: int, std: float = 0.02, layers: list[int] | None = None):
     """A LoRA adapter that changes the model clearly but keeps its outputs in a sane range."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, layers_to_transform=layers, init_lora_weights=False)
-    peft = get_peft_model(model, lora)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, std)
-    peft.save_pretrained(out_dir)
-    return out_dir
+    return random_adapter(base_path, out_dir, seed=seed, r=8, std=std, layers=layers)
 
 
 def load_adapter(url: str, name: str, path) -> None:

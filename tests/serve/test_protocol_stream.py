@@ -10,8 +10,8 @@ import pytest
 
 from serve.gateway.metrics import Metrics
 from serve.gateway.protocol import ApiError, parse_request, rate_limited
-from serve.gateway.proxy import StreamMeter, has_content, pump, usage_event
 from serve.gateway.registry import Registry, rendezvous
+from serve.gateway.stream import StreamMeter, has_content, pump, usage_event
 from tests.serve.conftest import config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from lorafleet.benches.soak import Result, SoakSettings, Target, print_report, run_soak, summarize
-from serve.gateway.app import ServerThread, create_app
+from lorafleet.stack import running_stack
 from tests.conftest import LIVE_ADAPTERS, LIVE_KEYS, MODELS, free_port
 from tests.serve.conftest import KEYS, config, tenant
 
@@ -25,29 +25,22 @@ def test_summary_counts_errors_and_compares_the_first_and_last_window():
     assert r.rss_growth == pytest.approx(0.10)
 
 
-def test_soak_of_the_gateway_over_a_fake_engine(fake_engine):
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_soak_of_the_gateway_over_a_fake_engine(fake_engine, tmp_path, mode):
+    """The gateway as lorafleet.stack starts it: in this process, or as its own (as the soak command runs it)."""
     fake_engine.state.token_delay = 0.005
-    cfg = config(
-        [
-            {
-                "name": "fake",
-                "model": str(MODELS / "tiny-random-llama"),
-                "served_name": "fake-base",
-                "urls": [fake_engine.url],
-            }
-        ],
-        [tenant("acme", ["*"]), tenant("globex", ["*"])],
-    )
-    server = ServerThread(create_app(cfg), port=free_port()).start()
-    try:
-        targets = [Target(KEYS["acme"], "fake-base"), Target(KEYS["globex"], "fake-base")]
-        s = SoakSettings(server.url, targets, seconds=3, capacity_s=1, concurrency=4, rss_pid=os.getpid())
+    engine = {"name": "fake", "model": str(MODELS / "tiny-random-llama"), "served_name": "fake-base"}
+    tenants = [tenant("acme", ["*"]), tenant("globex", ["*"])]
+    cfg = config([engine | {"urls": [fake_engine.url]}], tenants, port=free_port(), log_dir=str(tmp_path))
+    targets = [Target(KEYS["acme"], "fake-base"), Target(KEYS["globex"], "fake-base")]
+    with running_stack(cfg, mode) as stack:
+        s = SoakSettings(stack.url, targets, seconds=3, capacity_s=1, concurrency=4, rss_pid=stack.gateway_pid)
         report = run_soak(s)
-    finally:
-        server.stop()
     print_report(report)
     assert report.errors == 0 and report.requests > 0 and report.capacity_rps > 0
     assert report.rss_mib["first"] > 0 and fake_engine.state.requests >= report.requests
+    if mode == "process":
+        assert stack.gateway_pid != os.getpid() and stack.proc.poll() is not None  # stopped on leaving the block
 
 
 @pytest.mark.vllm

@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT
-from train import trainer
-from train.config import ConfigError, TrainConfig, load_config
+from train import dataset, lora, trainer
+from train.config import ConfigError, TrainConfig, TrainError, load_config
 from train.data import DataError
+from train.dataset import IGNORE, encode, epoch_batches
 from train.export import validate_adapter
-from train.trainer import IGNORE, TrainError, encode, epoch_batches, setup, train
+from train.trainer import setup, train
 
 WORDS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "olive", "peach", "plum", "melon", "kiwi", "fig"]
 
@@ -194,11 +195,11 @@ def test_loss_at_label_positions_equals_the_masked_full_forward(tmp_path):
     rows = [chat(i) for i in range(3)] + [{"prompt": "a much longer prompt " * 5, "completion": "ok"}]
     data = write_jsonl(tmp_path / "mixed.jsonl", rows)
     run = setup(tiny(tmp_path, data, bf16="false", eval_fraction=0.0), log=lambda _: None)
-    batch = trainer.collate(run.data.train, run.pad_id)
+    batch = dataset.collate(run.data.train, run.pad_id)
     assert (batch["attention_mask"] == 0).any()  # the batch really is padded
     with torch.no_grad():
-        sparse = trainer.loss_sum(run.model, batch, logits_at_labels=True) / trainer.n_labels(batch)
-        full = trainer.loss_sum(run.model, batch, logits_at_labels=False) / trainer.n_labels(batch)
+        sparse = lora.loss_sum(run.model, batch, logits_at_labels=True) / lora.n_labels(batch)
+        full = lora.loss_sum(run.model, batch, logits_at_labels=False) / lora.n_labels(batch)
         reference = run.model(**batch).loss  # transformers' own loss, with the attention mask
     assert torch.allclose(sparse, reference, rtol=1e-5) and torch.allclose(full, reference, rtol=1e-5)
 
@@ -211,14 +212,14 @@ def test_a_shared_system_prompt_computed_once_gives_the_same_loss_and_gradients(
         row["messages"][1]["content"] += " please" * i  # different lengths: the batch is padded
     data = write_jsonl(tmp_path / "sys.jsonl", rows)
     run = setup(tiny(tmp_path, data, bf16="false", eval_fraction=0.0), log=lambda _: None)
-    batch = trainer.collate(run.data.train, run.pad_id)
-    prefix = trainer.shared_prefix_len(batch)
-    assert prefix >= trainer.MIN_SHARED_PREFIX  # the shared path really runs
-    assert (batch["labels"][:, : prefix + 1] == trainer.IGNORE).all()  # and never swallows a scored token
+    batch = dataset.collate(run.data.train, run.pad_id)
+    prefix = lora.shared_prefix_len(batch)
+    assert prefix >= lora.MIN_SHARED_PREFIX  # the shared path really runs
+    assert (batch["labels"][:, : prefix + 1] == dataset.IGNORE).all()  # and never swallows a scored token
 
     def loss_and_grads(share: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         run.model.zero_grad()
-        loss = trainer.loss_sum(run.model, batch, share_prefix=share)
+        loss = lora.loss_sum(run.model, batch, share_prefix=share)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in run.model.parameters() if p.requires_grad]
 
@@ -306,12 +307,12 @@ def test_bad_input_fails_before_the_model_loads(
 BAD_CONFIG = [
     ({"r": 12}, "r=12 cannot be served by vLLM"),
     ({"r": 32}, "r=32 is greater than max_serving_rank=16"),
-    ({"max_steps": "three"}, "max_steps must be int"),
-    ({"lr": -1}, "lr must be > 0"),
-    ({"bf16": "maybe"}, "bf16 must be one of auto, true, false"),
+    ({"max_steps": "three"}, "max_steps: must be an integer, got 'three'"),
+    ({"lr": -1}, "lr: must be > 0, got -1"),
+    ({"bf16": "maybe"}, "bf16: must be 'auto', 'true' or 'false', got 'maybe'"),
     ({"data": ""}, "exactly one of `task`"),
     ({"task": "contract"}, "exactly one of `task`"),
-    ({"no_such_key": 1}, "unknown config key.*no_such_key.*valid keys: name, base_model"),
+    ({"no_such_key": 1}, "no_such_key: unknown field; valid keys: name, base_model"),
 ]
 
 

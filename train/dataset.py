@@ -1,0 +1,171 @@
+"""Training data as token ids: conversations from a task or JSONL, the chat template, labels only on the answer,
+length-grouped micro-batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.config import TrainConfig, TrainError
+
+IGNORE = -100
+MEGA_BATCH = 32  # micro-batches per length-sorted group: enough to cut padding, still shuffled across groups
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE except on the answer + end-of-turn tokens
+
+
+@dataclass
+class Dataset:
+    train: list[Example]
+    eval: list[Example]
+    report: dict[str, Any]
+
+
+def load_conversations(cfg: TrainConfig) -> tuple[list, list]:
+    """Train and eval conversations from a task or JSONL files; DataError on bad input."""
+    from train.data import load_jsonl, to_conversation
+
+    if cfg.task:
+        from train.tasks import get_task
+
+        task = get_task(cfg.task)
+        train = [to_conversation(r) for r in task.generate(cfg.n, split="train", seed=cfg.seed)]
+        evals = [to_conversation(r) for r in task.generate(cfg.eval_n, split="eval", seed=cfg.seed)]
+    else:
+        train = load_jsonl(cfg.data)
+        evals = load_jsonl(cfg.eval_data) if cfg.eval_data else []
+        if not cfg.eval_data and cfg.eval_fraction > 0 and len(train) > 1:
+            order = np.random.default_rng(cfg.seed).permutation(len(train))
+            n_eval = max(1, int(len(train) * cfg.eval_fraction))
+            evals = [train[i] for i in order[:n_eval]]
+            train = [train[i] for i in sorted(order[n_eval:])]
+    if not train:
+        raise TrainError("the training set is empty")
+    return train, evals
+
+
+def encode(tok, messages: list[dict], max_len: int, overlong: str) -> tuple[Example | None, str]:
+    """Chat-template tokens with labels on the final assistant answer and its end-of-turn token only.
+
+    The prompt and the completion are tokenised apart, exactly as generation will see them: the model gets
+    the prompt ids and must produce the completion ids. Returns (example or None, "ok" | "truncated" | "skipped").
+    """
+    from train.data import split_prompt
+
+    prompt_msgs, answer = split_prompt(messages)
+    prompt_text = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    full_text = tok.apply_chat_template([*prompt_msgs, {"role": "assistant", "content": answer}], tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise TrainError("the chat template renders the prompt differently with and without the answer")
+    prompt_ids = tok(prompt_text, add_special_tokens=False).input_ids
+    completion = tok(full_text[len(prompt_text) :], add_special_tokens=False).input_ids
+    completion = _through_end_of_turn(completion, set(tok.all_special_ids), tok.eos_token_id)
+    ids, labels = prompt_ids + completion, [IGNORE] * len(prompt_ids) + completion
+    if len(ids) <= max_len:
+        return Example(ids, labels), "ok"
+    if overlong == "skip" or len(prompt_ids) >= max_len:  # a cut inside the prompt leaves nothing to learn
+        return None, "skipped"
+    return Example(ids[:max_len], labels[:max_len]), "truncated"
+
+
+def _through_end_of_turn(completion: list[int], special: set[int], eos: int) -> list[int]:
+    # Keep the end-of-turn token so the model learns to stop, but not the template's trailing newline.
+    for i in range(len(completion) - 1, -1, -1):
+        if completion[i] in special:
+            return completion[: i + 1]
+    return [*completion, eos]
+
+
+def encode_all(tok, conversations: list, cfg: TrainConfig, what: str) -> tuple[list[Example], dict[str, int]]:
+    out, counts = [], {"truncated": 0, "skipped": 0}
+    for messages in conversations:
+        ex, status = encode(tok, messages, cfg.max_len, cfg.overlong)
+        if status != "ok":
+            counts[status] += 1
+        if ex is not None:
+            out.append(ex)
+    if not out:
+        raise TrainError(f"no {what} example fits in max_len={cfg.max_len} tokens: raise max_len")
+    return out, counts
+
+
+def build_dataset(tok, cfg: TrainConfig, log: Callable[[str], None]) -> Dataset:
+    train, evals = load_conversations(cfg)
+    if tok.chat_template is None:
+        raise TrainError(f"base model {cfg.base_model!r} has no chat template: train an instruct model")
+    train_ex, train_long = encode_all(tok, train, cfg, "training")
+    eval_ex, eval_long = encode_all(tok, evals, cfg, "eval") if evals else ([], {"truncated": 0, "skipped": 0})
+    for what, counts in (("train", train_long), ("eval", eval_long)):
+        if sum(counts.values()):
+            log(
+                f"{sum(counts.values())} {what} examples are longer than max_len={cfg.max_len}: "
+                f"{counts['truncated']} truncated, {counts['skipped']} skipped"
+            )
+    lengths = [len(e.input_ids) for e in train_ex]
+    report = {
+        "train_examples": len(train_ex),
+        "eval_examples": len(eval_ex),
+        "overlong_train": sum(train_long.values()),
+        "overlong_eval": sum(eval_long.values()),
+        "overlong_action": cfg.overlong,
+        "skipped_train": train_long["skipped"],
+        "truncated_train": train_long["truncated"],
+        "mean_tokens": round(float(np.mean(lengths)), 1),
+        "max_tokens": max(lengths),
+        "label_tokens": sum(sum(t != IGNORE for t in e.labels) for e in train_ex),
+    }
+    return Dataset(train_ex, eval_ex, report)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def epoch_batches(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    """Micro-batches of example indices for one epoch: a pure function of (seed, epoch), so resume can
+    replay it. Shuffled, then sorted by length inside mega-batches so a batch holds similar lengths."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    per_batch = cfg.batch_size if not cfg.batch_tokens else max(1, cfg.batch_tokens // int(np.mean(lengths)))
+    mega = per_batch * MEGA_BATCH
+    batches: list[list[int]] = []
+    for start in range(0, len(order), mega):
+        group = sorted(order[start : start + mega], key=lambda i: lengths[i])
+        batches += _split(group, lengths, cfg)
+    rng.shuffle(batches)
+    return batches
+
+
+def _split(group: list[int], lengths: list[int], cfg: TrainConfig) -> list[list[int]]:
+    if not cfg.batch_tokens:
+        return [group[i : i + cfg.batch_size] for i in range(0, len(group), cfg.batch_size)]
+    batches, cur = [], []
+    for i in group:  # sorted ascending, so the newest example is the longest: padded size = count * its length
+        if cur and (len(cur) + 1) * lengths[i] > cfg.batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    return batches + ([cur] if cur else [])
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def total_steps(n_batches: int, cfg: TrainConfig) -> int:
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * n_batches / cfg.grad_accum))
