@@ -19,16 +19,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from loadtest.client import ClientPool, PreflightError, auth_headers, post_json, quiet
+from loadtest.client import ClientPool, auth_headers, post_json, quiet
 from loadtest.config import Eval, Quality, Target
 from loadtest.traffic import split_item
+from train.tasks import get_task
 
 
 def default_get_task() -> Callable[[str], Any]:
-    try:
-        from train.tasks import get_task
-    except ImportError as e:
-        raise PreflightError(f"the quality section needs the built-in tasks (train.tasks): {e}") from e
     return get_task
 
 

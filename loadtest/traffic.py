@@ -9,6 +9,7 @@ import numpy as np
 
 from loadtest.client import PreflightError
 from loadtest.config import Prompts, Target
+from train.tasks import get_task
 
 # Plain, common words: synthetic prompts tokenize to about one token per word with any BPE vocabulary.
 WORDS = (
@@ -55,10 +56,6 @@ def synthetic_text(n_words: int, rng: np.random.Generator) -> str:
 
 
 def _task_loader() -> Callable[[str], Any]:
-    try:
-        from train.tasks import get_task
-    except ImportError as e:
-        raise PreflightError(f"prompts.source=task needs the built-in tasks (train.tasks): {e}") from e
     return get_task
 
 

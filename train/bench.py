@@ -17,6 +17,9 @@ Throughput counts real (non-pad) tokens only, per wall second and per CPU-second
 other processes share the machine). Rounds alternate the variants and the best round of each is reported.
 """
 
+# torch, transformers and the trainer are imported inside the variants: each runs in its own process, and
+# `lorafleet train`'s parser reads this module's arguments without paying for them.
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorafleet.core.paths import runs_dir
+from train.config import load_config
+from train.models import ensure
+
 VARIANTS = ("baseline", "ours", "ours-no-prefix-sharing", "ours-full-logits", "ours-fp32", "ours-top-half")
 DEFAULT_VARIANTS = ("baseline", "ours", "ours-no-prefix-sharing")
 RESULT_TAG = "BENCH_RESULT "
 
 
 def _config(spec: dict[str, Any], out: str, **extra: Any):
-    from train.config import load_config
 
     return load_config(
         None,
@@ -59,8 +65,6 @@ def _config(spec: dict[str, Any], out: str, **extra: Any):
 
 def _depth(model: str) -> int:
     from transformers import AutoConfig
-
-    from train.models import ensure
 
     return AutoConfig.from_pretrained(ensure(model)).num_hidden_layers
 
@@ -239,7 +243,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    from lorafleet.core.paths import runs_dir
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from train.config import TrainConfig, TrainError
+from train.data import load_jsonl, split_prompt, to_conversation
+from train.tasks import get_task
 
 IGNORE = -100
 MEGA_BATCH = 32  # micro-batches per length-sorted group: enough to cut padding, still shuffled across groups
@@ -32,11 +34,8 @@ class Dataset:
 
 def load_conversations(cfg: TrainConfig) -> tuple[list, list]:
     """Train and eval conversations from a task or JSONL files; DataError on bad input."""
-    from train.data import load_jsonl, to_conversation
 
     if cfg.task:
-        from train.tasks import get_task
-
         task = get_task(cfg.task)
         train = [to_conversation(r) for r in task.generate(cfg.n, split="train", seed=cfg.seed)]
         evals = [to_conversation(r) for r in task.generate(cfg.eval_n, split="eval", seed=cfg.seed)]
@@ -59,7 +58,6 @@ def encode(tok, messages: list[dict], max_len: int, overlong: str) -> tuple[Exam
     The prompt and the completion are tokenised apart, exactly as generation will see them: the model gets
     the prompt ids and must produce the completion ids. Returns (example or None, "ok" | "truncated" | "skipped").
     """
-    from train.data import split_prompt
 
     prompt_msgs, answer = split_prompt(messages)
     prompt_text = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)

@@ -13,6 +13,15 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from lorafleet.core.paths import runs_dir
+from train.config import CONFIGS_DIR, load_config
+from train.data import split_prompt
+from train.export import recorded_base
+from train.lora import use_bf16
+from train.models import model_path as resolve
+from train.tasks import get_task
+from train.trainer import train
+
 Mode = Literal["zero_shot", "few_shot"]
 
 
@@ -21,10 +30,6 @@ def load_for_eval(model_path: str | Path | None, adapter_dir: str | Path | None,
     fast at it, as vLLM would serve it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from train.export import recorded_base
-    from train.lora import use_bf16
-    from train.models import model_path as resolve
 
     if model_path is None and adapter_dir is None:
         raise ValueError("give a base model, an adapter, or both")
@@ -92,8 +97,6 @@ def evaluate_offline(
         mode: zero_shot (system prompt + input) or few_shot (k solved train-split examples first).
         dtype: auto | bfloat16 | float32 for the model during generation.
     """
-    from train.data import split_prompt
-    from train.tasks import get_task
 
     t = get_task(task)
     model, tok, base = load_for_eval(model_path, adapter_dir, dtype)
@@ -135,7 +138,6 @@ def evaluate_offline(
 
 def curve_config(task: str, size: int, out: Path, overrides: dict[str, Any], min_steps: int):
     """The task's built-in config trained on `size` examples; small sizes still get `min_steps` steps."""
-    from train.config import CONFIGS_DIR, load_config
 
     path = CONFIGS_DIR / f"{task}.yaml"
     values = {"task": task, "n": size, "name": f"{task}-n{size}", "output_dir": str(out / f"n{size}"), **overrides}
@@ -155,8 +157,6 @@ def learning_curve(
 ) -> dict[str, Any]:
     """Train one adapter per training-set size and score each (and the base, size 0) on the same eval split.
     Writes curve.json and curve.png under runs/curve-<task>-<timestamp>/ (or `out_dir`)."""
-    from lorafleet.core.paths import runs_dir
-    from train.trainer import train
 
     out = out_dir or runs_dir() / f"curve-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lorafleet.core.errors import UserError
 from lorafleet.core.vllm import BASE_CHANGING_INITS, LORA_RANKS, supported_modules
+from train.models import ModelError, model_path
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -73,7 +74,6 @@ def _config_problems(cfg: dict, max_rank: int) -> list[str]:
 
 def _base_path(recorded: str | None, given: str | None, problems: list[str]) -> Path | None:
     """The base folder to check shapes against, and whether the recorded base matches the given one."""
-    from train.models import ModelError, model_path
 
     if not recorded:
         problems.append("base_model_name_or_path is not recorded in adapter_config.json")
@@ -191,7 +191,6 @@ def check_adapter(adapter_dir: str | Path, base_model: str | None = None, max_ra
 
 def recorded_base(adapter_dir: str | Path) -> Path:
     """The base model folder an adapter records (its lorafleet id or absolute path)."""
-    from train.models import model_path
 
     cfg = json.loads((Path(adapter_dir) / CONFIG_FILE).read_text())
     return model_path(cfg["base_model_name_or_path"])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from train.config import TrainConfig, TrainError
 from train.dataset import IGNORE, Example, collate
+from train.export import supported_modules
 
 
 def use_bf16(setting: str) -> bool:
@@ -49,8 +50,6 @@ def top_layers(model: torch.nn.Module, n: int) -> list[int] | None:
 def build_model(cfg: TrainConfig, base_path: Path, bf16: bool):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from train.export import supported_modules
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)

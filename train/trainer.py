@@ -27,17 +27,19 @@ from typing import Any
 
 import torch
 
+from lorafleet.core.paths import adapters_dir
 from train.checkpoint import State, checkpoints, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, TrainError
 from train.dataset import Dataset, build_dataset, collate, epoch_batches, total_steps
+from train.export import check_adapter
 from train.lora import build_model, build_optimizer, evaluate_loss, loss_sum, n_labels, param_counts, use_bf16
+from train.models import SPECS, ModelError, model_path
 
 REPORT_FILE = "lorafleet_train.json"
 
 
 def resolve_base(cfg: TrainConfig) -> tuple[Path, str]:
     """(folder, what to record as base_model_name_or_path): the lorafleet id if one was given, else the path."""
-    from train.models import SPECS, ModelError, model_path
 
     try:
         path = model_path(cfg.base_model)
@@ -49,7 +51,6 @@ def resolve_base(cfg: TrainConfig) -> tuple[Path, str]:
 
 
 def output_dir(cfg: TrainConfig) -> Path:
-    from lorafleet.core.paths import adapters_dir
 
     return Path(cfg.output_dir) if cfg.output_dir else adapters_dir() / cfg.run_name
 
@@ -194,7 +195,6 @@ class Run:
 
     def finish(self, state: State, wall: float) -> Path:
         """Save the adapter in PEFT format, check that vLLM would take it, and write the run report."""
-        from train.export import check_adapter
 
         self.out.mkdir(parents=True, exist_ok=True)
         self.model.peft_config["default"].base_model_name_or_path = self.base_ref

@@ -14,7 +14,15 @@ import logging
 import signal
 import sys
 
+from lorafleet.benches import gateway as bench
+from lorafleet.benches import soak
 from lorafleet.core.errors import UserError
+from serve.config import ConfigError, load_config
+from serve.engines.deploy import configured_adapters, engine_specs, log_dir
+from serve.engines.engine import EngineError
+from serve.engines.supervisor import Supervisor
+from serve.gateway.app import create_app, uvicorn_config
+from serve.gateway.tenants import hash_key
 
 
 def _run_parser(prog: str = "lorafleet serve") -> argparse.ArgumentParser:
@@ -47,12 +55,8 @@ def main(args: argparse.Namespace) -> int:
     if action == "check":
         return _check(rest[1:])
     if action == "bench":
-        from lorafleet.benches import gateway as bench
-
         return bench.main(rest[1:])
     if action == "soak":
-        from lorafleet.benches import soak
-
         return soak.main(rest[1:])
     if action == "run":
         rest = rest[1:]
@@ -67,14 +71,12 @@ def main(args: argparse.Namespace) -> int:
 def _hash_key(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lorafleet serve hash-key", description="print the hash to put in a config")
     p.add_argument("key")
-    from serve.gateway.tenants import hash_key
 
     print(hash_key(p.parse_args(argv).key))
     return 0
 
 
 def _load(config: str | None):
-    from serve.config import ConfigError, load_config
 
     try:
         return load_config(config)
@@ -86,8 +88,6 @@ def _check(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lorafleet serve check", description="validate a config (default: embedded)")
     p.add_argument("config", nargs="?")
     cfg = _load(p.parse_args(argv).config)
-    from serve.config import ConfigError
-    from serve.engines.deploy import configured_adapters
 
     try:
         adapters = configured_adapters(cfg)
@@ -111,12 +111,6 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _serve(config: str | None, args: argparse.Namespace) -> int:
     import uvicorn
-
-    from serve.config import ConfigError
-    from serve.engines.deploy import configured_adapters, engine_specs, log_dir
-    from serve.engines.engine import EngineError
-    from serve.engines.supervisor import Supervisor
-    from serve.gateway.app import create_app, uvicorn_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per engine call costs CPU and says little

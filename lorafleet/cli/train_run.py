@@ -1,6 +1,7 @@
 """`lorafleet train run|validate|merge|eval|curve|bench`: fine-tune, check, fold and score LoRA adapters.
 
-Only argparse here; each action imports the heavy modules (torch, transformers) when it runs.
+Only argparse and the torch-free modules at the top: the commands that train or score import train.trainer,
+train.evaluate and train.bench (torch) when they run, so `lorafleet train data` and `validate` stay fast.
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
+from lorafleet.core.config import parse_overrides
 from lorafleet.core.errors import UserError
+from train.config import ConfigError, describe, load_config
+from train.data import DataError
+from train.export import AdapterError, merge_adapter, validate_adapter
+from train.models import ModelError
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +31,6 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    from train.config import describe
 
     p = sub.add_parser(
         "run",
@@ -39,9 +44,6 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from train.config import ConfigError, load_config
-    from train.data import DataError
-    from train.export import AdapterError
     from train.trainer import REPORT_FILE, TrainError, train
 
     try:
@@ -69,7 +71,6 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from train.export import validate_adapter
 
     problems = validate_adapter(args.adapter, base_model=args.base, max_rank=args.max_rank)
     if not problems:
@@ -89,8 +90,6 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from train.export import AdapterError, merge_adapter
-    from train.models import ModelError
 
     try:
         out = merge_adapter(args.adapter, args.out, dtype=args.dtype)
@@ -118,7 +117,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from train.evaluate import evaluate_offline
-    from train.models import ModelError
 
     if args.adapter is None and args.base is None:
         raise UserError("give --adapter DIR, --base MODEL, or both")
@@ -149,8 +147,6 @@ def _add_curve(sub: argparse._SubParsersAction) -> None:
 
 
 def _curve(args: argparse.Namespace) -> int:
-    from lorafleet.core.config import parse_overrides
-    from train.config import ConfigError
     from train.evaluate import format_curve, learning_curve
 
     try:

@@ -26,8 +26,12 @@ from lorafleet.core.paths import adapters_dir, home, runs_dir
 from lorafleet.demo.report import write_demo_report
 from lorafleet.stack import running_stack, write_config
 from serve.config import ServeConfig, parse_config
-from train.config import RUN_ONLY_FIELDS  # fields that never force a retrain
+from train.config import (
+    RUN_ONLY_FIELDS,  # fields that never force a retrain
+    load_config,
+)
 from train.models import SPECS, ensure
+from train.trainer import train
 
 SMALL, GENERALIST = "smollm2-135m-instruct", "gemma-3-270m"
 # tenant -> (task, demo API key); the keys' hashes are in serve/default.yaml.
@@ -100,8 +104,6 @@ def adapter_key(cfg) -> str:
 
 def train_adapter(task: str, plan: DemoPlan, log: Path, n: int | None = None, name: str | None = None) -> dict:
     """Train (or reuse) an adapter of `task` on n examples; returns its lorafleet_train.json summary."""
-    from train.config import load_config
-    from train.trainer import train
 
     name = name or task
     out = adapters_dir() / plan.adapter_folder(name)

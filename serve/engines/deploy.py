@@ -14,6 +14,8 @@ from lorafleet.core import paths
 from lorafleet.core.errors import UserError
 from serve.config import AdapterConfig, ConfigError, EngineConfig, ServeConfig, merged_group
 from serve.engines.engine import EngineSpec
+from train.export import merge_adapter, validate_adapter
+from train.models import model_path
 
 log = logging.getLogger("lorafleet.serve")
 HASH_FILE = "lorafleet_adapter_hash"
@@ -51,14 +53,12 @@ def adapter_dir(root: Path, path: str | Path) -> Path:
 
 
 def base_model_path(engine: EngineConfig) -> Path:
-    from train.models import model_path
 
     return model_path(engine.model)
 
 
 def check_adapter(folder: Path, engine: EngineConfig) -> list[str]:
     """What vLLM would refuse about this adapter on this engine (empty: servable)."""
-    from train.export import validate_adapter
 
     return validate_adapter(folder, base_model=str(base_model_path(engine)), max_rank=engine.max_lora_rank)
 
@@ -96,7 +96,6 @@ def folder_hash(folder: Path) -> str:
 
 def ensure_merged(cfg: ServeConfig, adapter: AdapterConfig) -> Path:
     """models/merged-<adapter>/: base + adapter folded into one model, re-merged only when the adapter changed."""
-    from train.export import merge_adapter
 
     source = adapter_dir(adapters_root(cfg), adapter.path)
     out, digest = paths.models_dir() / merged_group(adapter.name), folder_hash(source)

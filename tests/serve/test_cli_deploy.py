@@ -105,7 +105,7 @@ def test_merged_adapter_gets_its_own_engine_and_is_merged_once(tiny_adapter_root
     assert specs["e"].enable_lora and specs["e"].port == 9101
 
     calls = []
-    monkeypatch.setattr("train.export.merge_adapter", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(deploy, "merge_adapter", lambda *a, **k: calls.append(a))
     deploy.engine_specs(cfg)
     assert calls == []  # same adapter files: the cached merge is reused
 
