@@ -135,6 +135,24 @@ def test_learning_curve_points_join_curve_adapters_with_the_full_one(tmp_path):
     assert curve_points(results, training, curve) == [(0, 0.0, 0.0), (50, 0.4, 50), (100, 0.7, 100), (500, 0.9, 500.0)]
 
 
+def test_report_renders_the_learning_curve_and_names_the_plans_models(tmp_path):
+    """The curve table once never rendered (it read `points` from a dict keyed by size); the names were fixed."""
+    results = _results(0.9, 0.5, 0.5, 1.0)
+    results["quality"].append({"target": "small-base", "task": "contract", "mode": "zero_shot", "accuracy": 0.0})
+    results["curve_quality"] = [{"model": "contract-n50", "accuracy": 0.4}]
+    curve = {50: {"config": {"task": "contract", "name": "contract-n50", "n": 50}, "metrics": {"train_seconds": 5}}}
+    training = {t: {"config": {"task": t, "n": 500}, "params": {"trainable": 1, "share": 0.01}, "metrics": {}}
+                for t, _ in TENANTS.values()}  # fmt: skip
+    plan = DemoPlan(small="/models/my-small-8b", generalist="big-generalist-70b")
+    write_demo_report(tmp_path, plan, {n: t for n, (t, _) in TENANTS.items()}, training, curve, results, {})
+    md = (tmp_path / "report.md").read_text()
+    table = md.split("## Learning curve (contract)")[1].split("##")[0]
+    rows = [line.split(" | ")[:2] for line in table.splitlines() if line[2:3].isdigit()]
+    assert rows == [["| 0", "0 %"], ["| 50", "40 %"], ["| 500", "90 %"]]
+    assert "my-small-8b" in md and "big-generalist-70b" in md
+    assert "SmolLM2" not in md and "Gemma" not in md
+
+
 def test_models_option_needs_two_models(capsys):
     assert main(["demo", "--models", "only-one"]) == 2
     assert "SMALL,GENERALIST" in capsys.readouterr().err
