@@ -93,8 +93,13 @@ def live_gateway(vllm_engine, smollm2_path, tmp_path_factory):
         yield stack.server
 
 
-def live_bench_config(gateway_url: str, out_dir: Path, metrics_port: int = 0, seconds: float = 15) -> dict:
-    """A short harness run through the gateway: the two tenants' adapters as a 70/30 mix, and the base model."""
+def live_bench_config(
+    gateway_url: str, out_dir: Path, metrics_port: int = 0, seconds: float = 15, requests: int | None = None
+) -> dict:
+    """A short harness run through the gateway: the two tenants' adapters as a 70/30 mix, and the base model.
+
+    `requests` (instead of `seconds`) fixes how many requests each target gets: the seeded mix then picks the same
+    adapters on a slow machine as on a fast one."""
     base = "smollm2-135m-instruct"
     price = {"usd_per_hour": 0.1}
     mix = {LIVE_ADAPTERS["acme"]: 0.7, LIVE_ADAPTERS["globex"]: 0.3}
@@ -121,7 +126,7 @@ def live_bench_config(gateway_url: str, out_dir: Path, metrics_port: int = 0, se
         "load": {
             "mode": "closed",
             "concurrency": 4,
-            "duration_s": seconds,
+            **({"num_requests": requests} if requests else {"duration_s": seconds}),
             "warmup_requests": 2,
             "max_tokens": 16,
             "force_output_len": True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from lorafleet.core.errors import UserError
 from train import models
 
 
@@ -20,12 +19,9 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def _pull(args: argparse.Namespace) -> int:
     ids = args.ids or list(models.SPECS)
-    try:
-        for model_id in ids:
-            path = models.pull(model_id, force=args.force)
-            print(f"{model_id}: {path}")
-    except models.ModelError as e:
-        raise UserError(str(e)) from e
+    for model_id in ids:
+        path = models.pull(model_id, force=args.force)
+        print(f"{model_id}: {path}")
     return 0
 
 

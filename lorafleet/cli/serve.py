@@ -17,9 +17,8 @@ import sys
 from lorafleet.benches import gateway as bench
 from lorafleet.benches import soak
 from lorafleet.core.errors import UserError
-from serve.config import ConfigError, load_config
+from serve.config import load_config
 from serve.engines.deploy import configured_adapters, engine_specs, log_dir
-from serve.engines.engine import EngineError
 from serve.engines.supervisor import Supervisor
 from serve.gateway.app import create_app, uvicorn_config
 from serve.gateway.tenants import hash_key
@@ -76,23 +75,12 @@ def _hash_key(argv: list[str]) -> int:
     return 0
 
 
-def _load(config: str | None):
-
-    try:
-        return load_config(config)
-    except ConfigError as e:
-        raise UserError(str(e)) from None
-
-
 def _check(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lorafleet serve check", description="validate a config (default: embedded)")
     p.add_argument("config", nargs="?")
-    cfg = _load(p.parse_args(argv).config)
+    cfg = load_config(p.parse_args(argv).config)
 
-    try:
-        adapters = configured_adapters(cfg)
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    adapters = configured_adapters(cfg)
     for e in cfg.engines:
         where = ", ".join(e.replica_urls())
         print(f"engine {e.name}: model {e.public_name} at {where}{'' if e.managed else ' (external)'}")
@@ -114,13 +102,10 @@ def _serve(config: str | None, args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per engine call costs CPU and says little
-    cfg = _load(config)
+    cfg = load_config(config)
     host, port = args.host or cfg.gateway.host, args.port or cfg.gateway.port
-    try:
-        adapters = configured_adapters(cfg)
-        specs = {} if args.no_engines else engine_specs(cfg)
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    adapters = configured_adapters(cfg)
+    specs = {} if args.no_engines else engine_specs(cfg)
     if args.engines:
         wanted = set(args.engines.split(","))
         unknown = wanted - set(specs)
@@ -138,8 +123,6 @@ def _serve(config: str | None, args: argparse.Namespace) -> int:
         app = create_app(cfg, adapters, supervisor)
         print(f"==> gateway on http://{host}:{port}/v1 (metrics: /metrics); Ctrl-C stops everything", flush=True)
         uvicorn.Server(uvicorn_config(app, host, port)).run()
-    except EngineError as e:
-        raise UserError(str(e)) from None
     finally:
         supervisor.stop_all()
     return 0

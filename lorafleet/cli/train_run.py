@@ -12,9 +12,8 @@ from pathlib import Path
 
 from lorafleet.core.config import parse_overrides
 from lorafleet.core.errors import UserError
-from train.config import ConfigError, describe, load_config
-from train.data import DataError
-from train.export import AdapterError, merge_adapter, validate_adapter
+from train.config import describe, load_config
+from train.export import merge_adapter, validate_adapter
 from train.models import ModelError
 
 
@@ -44,13 +43,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from train.trainer import REPORT_FILE, TrainError, train
+    from train.trainer import REPORT_FILE, train
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        out = train(cfg)
-    except (ConfigError, DataError, TrainError, AdapterError) as e:
-        raise UserError(str(e)) from e
+    out = train(load_config(args.config, args.overrides))
     m = json.loads((out / REPORT_FILE).read_text())["metrics"]
     print(
         f"adapter: {out}  (train loss {m['final_train_loss']}, eval loss {m['final_eval_loss']}, "
@@ -90,11 +85,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-
-    try:
-        out = merge_adapter(args.adapter, args.out, dtype=args.dtype)
-    except (AdapterError, ModelError) as e:
-        raise UserError(str(e)) from e
+    out = merge_adapter(args.adapter, args.out, dtype=args.dtype)
     print(f"merged model: {out}")
     return 0
 
@@ -155,10 +146,7 @@ def _curve(args: argparse.Namespace) -> int:
         raise UserError(f"--sizes must be a comma list of integers, got {args.sizes!r}") from e
     if not sizes or min(sizes) < 1:
         raise UserError("--sizes needs at least one size >= 1")
-    try:
-        res = learning_curve(args.task, sizes, parse_overrides(args.overrides), args.eval_n, args.min_steps)
-    except ConfigError as e:
-        raise UserError(str(e)) from e
+    res = learning_curve(args.task, sizes, parse_overrides(args.overrides), args.eval_n, args.min_steps)
     print(format_curve(res))
     print(f"wrote {res['dir']}/curve.json and curve.png")
     return 0

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 def test_bench_run_with_two_targets_through_gateway(live_gateway, tmp_path):
-    cfg = live_bench_config(live_gateway.url, tmp_path / "out", seconds=10)
+    cfg = live_bench_config(live_gateway.url, tmp_path / "out", requests=16)
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "lorafleet.cli", "bench", "run", str(tmp_path / "bench.yaml")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -55,6 +55,7 @@ def test_soak_60s_over_vllm_has_no_errors_and_bounded_memory(live_gateway):
     report = run_soak(s)
     print_report(report)
     assert report.errors == 0, report.error_kinds
-    assert report.requests >= 30
+    # It kept up at least half the load it aimed for (80 % of the capacity it measured), whatever the machine's speed.
+    assert report.requests >= max(10, 0.5 * report.target_rps * s.seconds), report
     # loose: 60 s is short and this process also holds the test run; `python -m lorafleet.benches.soak` checks 5 % over 10 min
     assert report.rss_growth < 0.25
