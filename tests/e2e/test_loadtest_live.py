@@ -43,6 +43,8 @@ def test_headless_locust_against_gateway_has_no_failures(live_gateway, tmp_path)
         "LORAFLEET_LOCUST_MIX": ",".join(f"{LIVE_KEYS[t]}:{LIVE_ADAPTERS[t]}:1" for t in LIVE_KEYS),
         "LORAFLEET_MAX_TOKENS": "16",
         "LORAFLEET_FORCE_OUTPUT_LEN": "1",
+        # short prompts: on a slow day 4 LoRA prefills of the default 128 words took longer than the 20 s run
+        "LORAFLEET_INPUT_WORDS": "16",
     }
     cmd = [str(ROOT / ".venv" / "bin" / "locust"), "-f", "loadtest/locustfile.py", "--headless", "-u", "4", "-r", "2"]
     cmd += ["-t", "20s", "--host", live_gateway.url, "--csv", str(tmp_path / "run"), "--loglevel", "WARNING"]
