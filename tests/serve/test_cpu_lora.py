@@ -119,17 +119,22 @@ def prompt_logprobs(url: str, model: str, ids: list[int]) -> list[float]:
     return r.json()["choices"][0]["logprobs"]["token_logprobs"][1 : len(ids)]
 
 
-def decode_stream(url: str, model: str, prompt: str, first_token: threading.Event, n: int = 128) -> None:
-    """A streamed completion of n forced tokens; sets `first_token` once the request is decoding."""
-    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+def decode_stream(url: str, model: str, prompt: str, decoding: threading.Event, stop: threading.Event) -> bool:
+    """A streamed completion of forced tokens that runs until `stop` is set (closing the stream aborts it in vLLM);
+    sets `decoding` once tokens flow. True if it was still decoding when stopped, so the overlap is proven whatever
+    the machine's speed."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 1800, "temperature": 0, "ignore_eos": True, "stream": True}
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
             assert r.status_code == 200, r.read()
             for line in r.iter_lines():
+                if stop.is_set():
+                    return True
                 if line.startswith("data: {"):
-                    first_token.set()
+                    decoding.set()
+        return False
     finally:
-        first_token.set()
+        decoding.set()
 
 
 def next_token_logprobs(url: str, model: str, ids: list[int], k: int = 20) -> list[float]:
@@ -152,17 +157,20 @@ def distance(a: list[list[float]], b: list[list[float]]) -> float:
 def probes_beside(url: str, base: str, prefixes: list[list[int]], companions: list[str], prompt: str):
     """Next-token log-probs of base requests (one per prefix) prefilled while one request per `companions` model
     is decoding, so that base and companion tokens share the engine's batches."""
-    decoding = [threading.Event() for _ in companions]
+    decoding, stop = [threading.Event() for _ in companions], threading.Event()
     with ThreadPoolExecutor(len(companions) + len(prefixes)) as pool:
-        streams = [pool.submit(decode_stream, url, m, prompt, ev) for m, ev in zip(companions, decoding, strict=True)]
+        streams = [
+            pool.submit(decode_stream, url, m, prompt, ev, stop) for m, ev in zip(companions, decoding, strict=True)
+        ]
         for ev in decoding:
             assert ev.wait(300), "a companion request never started decoding"
-        got = list(pool.map(lambda ids: next_token_logprobs(url, base, ids), prefixes))
-        overlapped = not any(f.done() for f in streams)
-        for f in streams:
-            f.result()
+        try:
+            got = list(pool.map(lambda ids: next_token_logprobs(url, base, ids), prefixes))
+        finally:
+            stop.set()
+        overlapped = all(f.result() for f in streams)
     # Without overlap the probes ran alone and the comparison would prove nothing.
-    assert overlapped, "the companion requests ended before the probes were answered: raise their max_tokens"
+    assert overlapped, "a companion request ended before the probes were answered"
     return got
 
 
