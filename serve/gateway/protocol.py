@@ -86,6 +86,8 @@ class ProxyRequest:
     client_wants_usage: bool  # stream_options.include_usage was asked for by the client
     max_tokens: int | None
     body: bytes  # what goes to the engine
+    n: int = 1  # choices per prompt
+    client_wants_running_usage: bool = False  # ... and stream_options.continuous_usage_stats
 
 
 def _int_field(data: dict, name: str, cap: int) -> int | None:
@@ -123,18 +125,20 @@ def parse_request(raw: bytes, kind: Kind, max_tokens_cap: int, max_n: int | None
         raise bad_request(f"stream must be true or false, got {json.dumps(stream)}", param="stream")
     max_tokens = _int_field(data, "max_tokens", max_tokens_cap)
     max_tokens = _int_field(data, "max_completion_tokens", max_tokens_cap) or max_tokens
-    if max_n is not None:  # n choices cost n times the engine: unbounded, one request could starve every tenant
-        _int_field(data, "n", max_n)
+    # n choices cost n times the engine: unbounded, one request could starve every tenant
+    n = _int_field(data, "n", max_n if max_n is not None else 1 << 31) or 1
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options must be an object", param="stream_options")
     wants_usage = bool(options and options.get("include_usage"))
+    wants_running = wants_usage and bool(options.get("continuous_usage_stats"))
     body = raw
-    if stream and not wants_usage:
-        # Metering needs the engine's usage chunk; it is stripped again before the client sees it.
-        data["stream_options"] = {**(options or {}), "include_usage": True}
+    if stream and not wants_running:
+        # Metering needs the engine's usage on every chunk (an aborted stream is charged what it got) and its final
+        # usage chunk; both are stripped again unless the client asked for them.
+        data["stream_options"] = {**(options or {}), "include_usage": True, "continuous_usage_stats": True}
         body = json.dumps(data, separators=(",", ":")).encode()
-    return ProxyRequest(kind, model, stream, wants_usage, max_tokens, body)
+    return ProxyRequest(kind, model, stream, wants_usage, max_tokens, body, n, wants_running)
 
 
 def model_card(name: str, parent: str | None, created: int) -> dict[str, Any]:
@@ -166,6 +170,7 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = Field(False, description="end the stream with a usage chunk (choices == [])")
+    continuous_usage_stats: bool = Field(False, description="with include_usage: running usage on every chunk")
 
 
 class _Generation(BaseModel):

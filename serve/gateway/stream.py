@@ -3,6 +3,11 @@
 On 2 CPU cores every microsecond the gateway spends is taken from the engine, so the stream is passed through
 as the bytes the engine sent: the gateway cuts it at SSE event boundaries, parses JSON only until the first
 content arrives (TTFT) and for the final usage event, and never re-serializes a chunk.
+
+Billing must not depend on the client reading to the end: the gateway asks the engine for its running usage on
+every chunk (vLLM's `stream_options.continuous_usage_stats`), reads it from the chunk's bytes, and cuts it out
+again unless the client asked for it. A stream that is aborted or breaks off is charged the usage of the last
+chunk the engine sent.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # keep nginx & co from buffering the stream
 ]
+RUNNING_USAGE = b',"usage":{'  # vLLM's compact JSON puts a chunk's running usage after its choices
+CHOICE_INDEX = b'"choices":[{"index":'
 DONE = b"data: [DONE]\n\n"
 MAX_EVENT_BYTES = 1 << 20  # an SSE event this long is not one vLLM sends: stop buffering it
 
@@ -59,27 +66,71 @@ def usage_event(event: bytes) -> dict | None:
     return None
 
 
+def split_usage(event: bytes) -> tuple[bytes, dict | None, int]:
+    """A chunk event's running usage (continuous_usage_stats), the event without it, and its choice index.
+
+    Reads the flat usage object out of the bytes (no parse of the whole chunk); anything else falls back to JSON."""
+    start = event.rfind(RUNNING_USAGE)
+    if start < 0:
+        return event, None, 0
+    open_at = start + len(RUNNING_USAGE) - 1
+    end = event.find(b"}", open_at)
+    usage = _flat_object(event[open_at : end + 1]) if end > 0 else None
+    index = _choice_index(event)
+    if usage is None or index is None:
+        return _split_usage_parsed(event)
+    return event[:start] + event[end + 1 :], usage, index
+
+
+def _flat_object(raw: bytes) -> dict | None:
+    if b"{" in raw[1:]:
+        return None  # nested: not the shape vLLM sends on a chunk
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _choice_index(event: bytes) -> int | None:
+    at = event.find(CHOICE_INDEX)
+    if at < 0:
+        return None
+    digits = event[at + len(CHOICE_INDEX) : at + len(CHOICE_INDEX) + 12].split(b",", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def _split_usage_parsed(event: bytes) -> tuple[bytes, dict | None, int]:
+    payload = _payload(event)
+    try:
+        obj = json.loads(payload) if payload else None
+    except (ValueError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+        return event, None, 0
+    choices = obj.get("choices") or [{}]
+    index = choices[0].get("index", 0) if isinstance(choices[0], dict) else 0
+    usage = obj.pop("usage")
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode(), usage, index if isinstance(index, int) else 0
+
+
 class StreamMeter:
     """Watches blocks of complete SSE events go by: first content time, gaps between chunks, final usage.
 
     `feed` returns the block to send on; it drops the usage event when the client did not ask for it (the
     gateway asked the engine for it, for metering)."""
 
-    def __init__(self, keep_usage: bool):
-        self.keep_usage = keep_usage
+    def __init__(self, keep_usage: bool, keep_running: bool = False, n: int = 1):
+        self.keep_usage, self.keep_running, self.n = keep_usage, keep_running, n
         self.first: float | None = None
         self.last = 0.0
         self.gaps: list[float] = []
-        self.usage: dict | None = None
+        self.usage: dict | None = None  # the engine's final usage event
+        self.running: dict[int, dict] = {}  # choice index -> the running usage of its last chunk
         self.ended = False  # the engine's stream ended with [DONE]
         self.head_sent = False  # the client has the response head: errors now go into the stream
 
     def feed(self, block: bytes, now: float) -> bytes:
-        if self.first is not None and USAGE_MARK not in block:
-            # The common case once tokens flow: no parsing, no copy.
-            self.gaps.append(now - self.last)
-            self.last = now
-            return block
         kept, content = [], False
         for event in block.split(b"\n\n"):
             if not event:
@@ -90,6 +141,11 @@ class StreamMeter:
                 if self.keep_usage:
                     kept.append(event)
                 continue
+            stripped, running, index = split_usage(event)
+            if running is not None:
+                self.running[index] = running
+                if not self.keep_running:
+                    event = stripped
             kept.append(event)
             if not content and _payload(event) != b"[DONE]":
                 content = self.first is not None or has_content(event)
@@ -100,6 +156,17 @@ class StreamMeter:
                 self.gaps.append(now - self.last)
             self.last = now
         return b"".join(e + b"\n\n" for e in kept)
+
+    def charged(self) -> dict | None:
+        """The usage to charge: the engine's final usage, or, for a stream that ended before it (aborted, broken),
+        the running usage of each choice's last chunk. Choices of one prompt share its prompt tokens."""
+        if self.usage is not None:
+            return self.usage
+        if not self.running:
+            return None
+        prompts = {i // self.n: u.get("prompt_tokens") or 0 for i, u in self.running.items()}
+        prompt, completion = sum(prompts.values()), sum(u.get("completion_tokens") or 0 for u in self.running.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 async def pump(upstream: httpx.Response, send, meter: StreamMeter, head: dict | None = None) -> None:

@@ -42,6 +42,7 @@ class FakeState:
     token_delay: float = 0.0
     running: int = 0
     aborted: int = 0
+    generated: int = 0  # completion tokens streamed, finished or not
     requests: int = 0
     bodies: list[dict] = field(default_factory=list)
     fault: Fault = "none"
@@ -58,6 +59,11 @@ def _chunk(kind: str, model: str, choices: list, usage: dict | None = None) -> b
     if usage is not None:
         obj["usage"] = usage
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def continuous_usage(body: dict) -> bool:
+    options = body.get("stream_options") or {}
+    return bool(options.get("include_usage") and options.get("continuous_usage_stats"))
 
 
 def make_app(state: FakeState) -> FastAPI:
@@ -134,6 +140,8 @@ def make_app(state: FakeState) -> FastAPI:
         prompt = len(json.dumps(body.get("messages") or body.get("prompt"))) // 4
         usage = {"prompt_tokens": prompt, "total_tokens": prompt + n, "completion_tokens": n}
         if not body.get("stream"):
+            await asyncio.sleep(state.token_delay * n)
+            state.generated += n
             text = "".join(f"t{i} " for i in range(n))
             choice = (
                 {"index": 0, "message": {"role": "assistant", "content": text}}
@@ -144,19 +152,32 @@ def make_app(state: FakeState) -> FastAPI:
                 {"id": "x", "object": "chat.completion", "model": model, "choices": [choice], "usage": usage}
             )
 
+        options = body.get("stream_options") or {}
+        continuous = options.get("include_usage") and options.get("continuous_usage_stats")
+
+        def running(done: int) -> dict | None:  # vLLM's continuous_usage_stats: usage so far on every chunk
+            return (
+                {"prompt_tokens": prompt, "total_tokens": prompt + done, "completion_tokens": done}
+                if continuous
+                else None
+            )
+
         async def events():
             state.running += 1
             finished = False
             try:
                 if kind == "chat":
-                    yield _chunk(kind, model, [{"index": 0, "delta": {"role": "assistant", "content": ""}}])
+                    yield _chunk(
+                        kind, model, [{"index": 0, "delta": {"role": "assistant", "content": ""}}], running(0)
+                    )
                 for i in range(n):
                     await asyncio.sleep(state.token_delay)
                     delta = {"content": f"t{i} "} if kind == "chat" else None
                     choice = {"index": 0, "delta": delta} if delta else {"index": 0, "text": f"t{i} "}
                     if i == n - 1:
                         choice["finish_reason"] = "length"
-                    yield _chunk(kind, model, [choice])
+                    state.generated += 1
+                    yield _chunk(kind, model, [choice], running(i + 1))
                 if (body.get("stream_options") or {}).get("include_usage"):
                     yield _chunk(kind, model, [], usage)
                 yield b"data: [DONE]\n\n"
@@ -189,7 +210,10 @@ def make_app(state: FakeState) -> FastAPI:
             state.running += 1
             try:
                 for i in range(2):
-                    yield _chunk(kind, model, [{"index": 0, "text": f"t{i} ", "delta": {"content": f"t{i} "}}])
+                    choice = {"index": 0, "text": f"t{i} ", "delta": {"content": f"t{i} "}}
+                    running = {"prompt_tokens": 1, "total_tokens": i + 2, "completion_tokens": i + 1}
+                    state.generated += 1
+                    yield _chunk(kind, model, [choice], running if continuous_usage(body) else None)
                 if fault == "hang_mid_stream":
                     await hang()
                 if fault == "break_mid_stream":

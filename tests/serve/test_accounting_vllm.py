@@ -1,10 +1,13 @@
-"""Metering under concurrent load on the real engine: the tokens and cost the gateway counts equal the usage its
-clients received, to the token, while some clients hang up mid-stream (logged 499, not metered, aborted in vLLM).
+"""Metering under concurrent load on the real engine: what the gateway charges equals what the engine generated
+(to the token, bar one race named below), while a third of the clients hang up mid-stream at random points (logged 499, aborted in vLLM, charged
+the tokens generated up to the abort). "Generated" is the engine's own count: vLLM's prompt and generation token
+counters, read before and after. ACCOUNTING_REQUESTS=200 runs the figure the closing note quotes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,12 +59,12 @@ class Outcome:
     usage: dict | None  # what the client received
 
 
-def jobs(n: int = 24, seed: int = 7) -> list[Job]:
+def jobs(n: int = int(os.environ.get("ACCOUNTING_REQUESTS", 36)), seed: int = 7) -> list[Job]:
     rng, out = random.Random(seed), []
     for i in range(n):
         who = ("acme", "globex")[i % 2]
-        stream = i % 4 in (1, 2, 3)
-        cancel = rng.randint(1, 4) if stream and i % 4 == 3 else None
+        cancel = rng.randint(1, 30) if i % 3 == 2 else None
+        stream = cancel is not None or i % 3 == 1
         # a cancelled request must still be generating when its client hangs up: many tokens, no early EOS
         out.append(
             Job(
@@ -70,7 +73,7 @@ def jobs(n: int = 24, seed: int = 7) -> list[Job]:
                 rng.choice(["chat", "completion"]),
                 stream,
                 cancel,
-                300 if cancel else rng.randint(4, 24),
+                200 if cancel else rng.randint(4, 24),
             )
         )
     return out
@@ -100,7 +103,20 @@ def run(gw: ServerThread, job: Job) -> Outcome:
     return Outcome(job, r.status_code, usage)
 
 
-def test_metered_tokens_and_cost_equal_client_usage_under_load_with_cancellations(gw, vllm_engine):
+def engine_counts(url: str) -> tuple[float, float, float]:
+    """vLLM's prompt and generation tokens so far, and its running requests."""
+    text = httpx.get(f"{url}/metrics").text
+    return (
+        metric(text, "vllm:prompt_tokens_total"),
+        metric(text, "vllm:generation_tokens_total"),
+        metric(text, "vllm:num_requests_running"),
+    )
+
+
+def test_metered_tokens_and_cost_equal_what_the_engine_generated_with_cancellations(gw, vllm_engine):
+    url = vllm_engine.spec.url
+    assert wait_for(lambda: engine_counts(url)[2] == 0, timeout=120)  # nothing left over from earlier tests
+    prompt0, generated0, _ = engine_counts(url)
     plan = jobs()
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(lambda j: run(gw, j), plan))
@@ -109,14 +125,12 @@ def test_metered_tokens_and_cost_equal_client_usage_under_load_with_cancellation
     assert len(done) + len(cancelled) == len(plan), [o.status for o in outcomes]
     assert cancelled and all(o.usage for o in done)
 
-    def engine_running() -> float:
-        return metric(httpx.get(f"{vllm_engine.spec.url}/metrics").text, "vllm:num_requests_running")
-
     # every request, cancelled ones included, is over in the engine and logged by the gateway
-    assert wait_for(lambda: engine_running() == 0, timeout=120)
+    assert wait_for(lambda: engine_counts(url)[2] == 0, timeout=120)
     assert wait_for(
         lambda: metric(httpx.get(f"{gw.url}/metrics").text, "lorafleet_requests_total") == len(plan), timeout=30
     )
+    prompt1, generated1, _ = engine_counts(url)
     text = httpx.get(f"{gw.url}/metrics").text
     assert metric(text, "lorafleet_requests_total", code="200") == len(done)
     assert metric(text, "lorafleet_requests_total", code="499") == len(cancelled)  # abandoned: logged as 499
@@ -126,22 +140,26 @@ def test_metered_tokens_and_cost_equal_client_usage_under_load_with_cancellation
             "tenants"
         ]
     }
-    diffs = {}
-    for who in OWN:
-        mine = [o.usage for o in done if o.job.tenant == who]
-        prompt, completion = sum(u["prompt_tokens"] for u in mine), sum(u["completion_tokens"] for u in mine)
-        metered_p = metric(text, "lorafleet_tokens_total", tenant=who, kind="prompt")
-        metered_c = metric(text, "lorafleet_tokens_total", tenant=who, kind="completion")
-        cost = (prompt * PRICE["input"] + completion * PRICE["output"]) / 1e6
-        metered_cost = metric(text, "lorafleet_cost_usd_total", tenant=who)
-        diffs[who] = (metered_p - prompt, metered_c - completion, metered_cost - cost)
-        # cancelled streams are not metered: what the clients received is exactly what was counted
-        assert (metered_p, metered_c) == (prompt, completion)
-        assert (report[who]["prompt_tokens"], report[who]["completion_tokens"]) == (prompt, completion)
-        assert metered_cost == pytest.approx(cost, rel=1e-9, abs=1e-15)
-        assert report[who]["inflight"] == 0
+    metered_p = metric(text, "lorafleet_tokens_total", kind="prompt")
+    metered_c = metric(text, "lorafleet_tokens_total", kind="completion")
+    received_c = sum(o.usage["completion_tokens"] for o in done)
     print(
         f"\naccounting: {len(plan)} requests (c=8), {len(done)} completed, {len(cancelled)} cancelled mid-stream; "
-        "metered - received (prompt tokens, completion tokens, $): "
-        + ", ".join(f"{who} {p:+.0f} {c:+.0f} {d:+.2e}" for who, (p, c, d) in diffs.items())
+        f"metered - generated: prompt {metered_p - (prompt1 - prompt0):+.0f}, completion "
+        f"{metered_c - (generated1 - generated0):+.0f} (of {generated1 - generated0:.0f}; "
+        f"{metered_c - received_c:.0f} of them for cancelled streams)"
     )
+    assert metered_p == prompt1 - prompt0  # every request got at least one chunk: its prompt was charged
+    # A stream is charged up to the last chunk the engine sent before the abort. The one race left: a token the
+    # engine finishes in the millisecond between the client's hang-up and the gateway closing the engine
+    # connection is counted by vLLM but reaches nobody. At most one per cancelled stream (0 in every run so far).
+    assert 0 <= (generated1 - generated0) - metered_c <= len(cancelled)
+    assert metered_c > received_c  # the cancelled streams were charged too
+    for who in OWN:
+        p = metric(text, "lorafleet_tokens_total", tenant=who, kind="prompt")
+        c = metric(text, "lorafleet_tokens_total", tenant=who, kind="completion")
+        cost = (p * PRICE["input"] + c * PRICE["output"]) / 1e6
+        assert (report[who]["prompt_tokens"], report[who]["completion_tokens"]) == (p, c)
+        assert metric(text, "lorafleet_cost_usd_total", tenant=who) == pytest.approx(cost, rel=1e-9, abs=1e-15)
+        assert report[who]["cost_usd"] == pytest.approx(cost, rel=1e-9, abs=1e-15)
+        assert report[who]["inflight"] == 0

@@ -105,6 +105,8 @@ def test_faulty_engine_gets_the_client_a_clean_error_and_the_gateway_keeps_servi
         assert done == "[DONE]" and err["error"]["code"] == stream_code
     metered = 504 if "timeout" in (code, stream_code) else 502
     assert wait_for(lambda: scrape(gw.url, "lorafleet_requests_total", tenant="acme", code=str(metered)) == 1)
+    if fault == "break_mid_stream":  # the two tokens the engine sent before it broke are charged
+        assert scrape(gw.url, "lorafleet_tokens_total", tenant="acme", kind="completion") == 2
     assert_serves_again(gw, fake_engine)
 
 

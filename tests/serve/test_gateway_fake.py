@@ -70,8 +70,9 @@ def test_openai_client_chat_stream_and_completions(gw, fake_engine):
 
     chunks = list(c.chat.completions.create(model="fake-base", messages=MSG, max_tokens=4, stream=True))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "t0 t1 t2 t3 "
-    assert all(ch.usage is None and ch.choices for ch in chunks)  # the usage chunk was stripped...
-    assert fake_engine.state.bodies[-1]["stream_options"] == {"include_usage": True}  # ...after being asked for
+    assert all(ch.usage is None and ch.choices for ch in chunks)  # the usage on every chunk was stripped...
+    asked = {"include_usage": True, "continuous_usage_stats": True}
+    assert fake_engine.state.bodies[-1]["stream_options"] == asked  # ...after being asked for
 
     chunks = list(
         c.completions.create(
@@ -151,6 +152,45 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(gw, fake_engine)
     assert fake_engine.state.aborted == 1
     assert wait_for(lambda: scrape(gw.url, "lorafleet_requests_total", tenant="acme", code="499") == 1)
     assert scrape(gw.url, "lorafleet_inflight_requests", tenant="acme") == 0
+
+
+def tenant_usage(gw: ServerThread, who: str) -> dict:
+    report = httpx.get(f"{gw.url}/admin/tenants", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    return next(t for t in report["tenants"] if t["name"] == who)["usage"]
+
+
+def test_a_stream_the_client_abandons_is_charged_what_the_engine_generated(gw, fake_engine):
+    """Closing the connection before the last chunk must not make the answer free (or dodge tpm)."""
+    fake_engine.state.token_delay = 0.05
+    body = {"model": "fake-base", "messages": MSG, "max_tokens": 60, "stream": True}
+    with httpx.stream(
+        "POST", f"{gw.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEYS['meter']}"}
+    ) as r:
+        for i, line in enumerate(r.iter_lines()):
+            assert '"usage"' not in line  # asked of the engine for metering, never shown to this client
+            if i == 20:  # ten chunks: the role and nine tokens
+                break
+    assert wait_for(lambda: scrape(gw.url, "lorafleet_requests_total", tenant="meter", code="499") == 1)
+    generated, usage = fake_engine.state.generated, tenant_usage(gw, "meter")
+    # Charged up to the last chunk the engine sent before the abort; a chunk still on the wire may be missed.
+    assert 9 <= usage["completion_tokens"] <= generated < 60
+    assert generated - usage["completion_tokens"] <= 1
+    assert usage["prompt_tokens"] > 0 and usage["cost_usd"] > 0
+    assert usage["tpm_used"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_a_whole_answer_whose_client_left_is_generated_and_charged(gw, fake_engine):
+    fake_engine.state.token_delay = 0.05  # 40 tokens: 2 s
+    body = {"model": "fake-base", "messages": MSG, "max_tokens": 40}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {KEYS['meter']}"},
+            timeout=0.5,
+        )
+    assert wait_for(lambda: scrape(gw.url, "lorafleet_requests_total", tenant="meter", code="499") == 1)
+    assert fake_engine.state.generated == 40 and tenant_usage(gw, "meter")["completion_tokens"] == 40
 
 
 def test_metered_tokens_and_cost_equal_the_usage_clients_received(gw):

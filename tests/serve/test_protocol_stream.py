@@ -11,7 +11,7 @@ import pytest
 from serve.gateway.metrics import Metrics
 from serve.gateway.protocol import ApiError, parse_request, rate_limited
 from serve.gateway.registry import Registry, rendezvous
-from serve.gateway.stream import StreamMeter, has_content, pump, usage_event
+from serve.gateway.stream import StreamMeter, has_content, pump, split_usage, usage_event
 from tests.serve.conftest import config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -54,16 +54,24 @@ def test_non_streaming_body_is_forwarded_byte_for_byte():
     assert req.body is raw and (req.model, req.stream, req.max_tokens) == ("m", False, 5)
 
 
-def test_stream_asks_engine_for_usage_and_remembers_client_did_not():
+def test_stream_asks_engine_for_running_usage_and_remembers_client_did_not():
     req = parse_request(json.dumps({**CHAT, "stream": True, "stream_options": {"x": 1}}).encode(), "chat", 100)
-    assert json.loads(req.body)["stream_options"] == {"x": 1, "include_usage": True}
-    assert req.stream and not req.client_wants_usage
+    assert json.loads(req.body)["stream_options"] == {"x": 1, "include_usage": True, "continuous_usage_stats": True}
+    assert req.stream and not req.client_wants_usage and not req.client_wants_running_usage
 
 
-def test_stream_with_client_usage_is_untouched():
+def test_stream_with_client_final_usage_still_asks_for_running_usage():
     raw = json.dumps({**CHAT, "stream": True, "stream_options": {"include_usage": True}}).encode()
     req = parse_request(raw, "chat", 100)
-    assert req.body is raw and req.client_wants_usage
+    assert json.loads(req.body)["stream_options"]["continuous_usage_stats"] is True
+    assert req.client_wants_usage and not req.client_wants_running_usage
+
+
+def test_stream_with_client_running_usage_is_untouched():
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    raw = json.dumps({**CHAT, "stream": True, "n": 3, "stream_options": options}).encode()
+    req = parse_request(raw, "chat", 100)
+    assert req.body is raw and req.client_wants_usage and req.client_wants_running_usage and req.n == 3
 
 
 def test_rate_limit_error_carries_retry_after():
@@ -117,6 +125,60 @@ def test_meter_strips_usage_only_when_the_client_did_not_ask(keep):
     full = b"".join(blocks)
     assert out == (full if keep else full.replace(USAGE_EV, b""))
     assert meter.usage == USAGE
+
+
+def running_ev(index: int, done: int, prompt: int = 7, kind: str = "chat") -> bytes:
+    """A chunk as vLLM sends it with continuous_usage_stats: choices, then the running usage, then more fields."""
+    choice = {"index": index, "delta": {"content": "a"}} if kind == "chat" else {"index": index, "text": "a"}
+    usage = {"prompt_tokens": prompt, "total_tokens": prompt + done, "completion_tokens": done}
+    return ev({"id": "x", "choices": [choice], "usage": usage, "system_fingerprint": None})
+
+
+def test_split_usage_cuts_out_exactly_the_running_usage():
+    event = running_ev(2, 5).rstrip(b"\n")
+    stripped, usage, index = split_usage(event)
+    assert usage == {"prompt_tokens": 7, "total_tokens": 12, "completion_tokens": 5} and index == 2
+    assert json.loads(stripped[6:]) == {"id": "x", "choices": [{"index": 2, "delta": {"content": "a"}}],
+                                        "system_fingerprint": None}  # fmt: skip
+    assert split_usage(TOK[0].rstrip(b"\n")) == (TOK[0].rstrip(b"\n"), None, 0)
+
+
+def test_split_usage_reads_nested_or_unusual_usage_by_parsing():
+    obj = {"choices": [{"delta": {}, "index": 1}], "usage": {"prompt_tokens": 3, "prompt_tokens_details": {"x": 1}}}
+    stripped, usage, index = split_usage(ev(obj).rstrip(b"\n"))
+    assert usage == obj["usage"] and index == 1 and json.loads(stripped[6:]) == {"choices": obj["choices"]}
+
+
+def test_an_aborted_stream_is_charged_the_running_usage_of_its_last_chunk():
+    meter = StreamMeter(keep_usage=False)
+    out = b"".join(meter.feed(running_ev(0, i), float(i)) for i in range(4))
+    assert b'"usage"' not in out and out.count(b"data: ") == 4  # the client did not ask: cut out, chunks kept
+    assert meter.usage is None
+    assert meter.charged() == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+
+def test_running_usage_passes_through_when_the_client_asked_for_it():
+    meter = StreamMeter(keep_usage=True, keep_running=True)
+    blocks = [running_ev(0, 1), running_ev(0, 2) + USAGE_EV + DONE]
+    assert b"".join(meter.feed(b, 0.0) for b in blocks) == b"".join(blocks)
+    assert meter.charged() == USAGE  # the final usage event wins
+
+
+@pytest.mark.parametrize(
+    "n,events,want",
+    [
+        # chat, n=3: the choices share the one prompt
+        (3, [(0, 4, 7), (1, 2, 7), (2, 5, 7), (0, 6, 7)], (7, 6 + 2 + 5)),
+        # completions, two prompts x n=2: choice i belongs to prompt i // n
+        (2, [(0, 1, 5), (1, 3, 5), (2, 2, 9), (3, 4, 9)], (5 + 9, 1 + 3 + 2 + 4)),
+    ],
+)
+def test_charged_sums_every_choice_and_each_prompt_once(n, events, want):
+    meter = StreamMeter(keep_usage=False, n=n)
+    for index, done, prompt in events:
+        meter.feed(running_ev(index, done, prompt, kind="completion"), 0.0)
+    charged = meter.charged()
+    assert (charged["prompt_tokens"], charged["completion_tokens"]) == want
 
 
 def test_meter_times_first_content_not_the_role_chunk_and_gaps_after():
