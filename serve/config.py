@@ -117,6 +117,8 @@ class Limits(Strict):
     rpm: int | None = Field(None, gt=0, description="requests per minute (sliding window); none = unlimited")
     tpm: int | None = Field(None, gt=0, description="prompt+completion tokens per minute; none = unlimited")
     concurrency: int | None = Field(None, gt=0, description="requests in flight; none = unlimited")
+    usd_per_day: float | None = Field(None, gt=0, description="$ budget per UTC day; none = unlimited")
+    usd_per_month: float | None = Field(None, gt=0, description="$ budget per UTC calendar month; none = unlimited")
 
 
 class TenantConfig(Strict):

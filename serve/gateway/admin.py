@@ -133,8 +133,10 @@ def tenants_report(tenants: TenantStore, limiter: Limiter) -> dict:
                     "completion_tokens": u.completion_tokens,
                     "cost_usd": round(u.cost_usd, 9),
                     **limiter.usage(t.name),
+                    **limiter.spend(t.name),
                 },
                 "utilization": limiter.utilization(t.name, t.limits),
+                "budget_utilization": limiter.budget_utilization(t.name, t.limits),
             }
         )
     return {"tenants": rows}

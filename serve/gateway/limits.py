@@ -1,9 +1,13 @@
-"""Per-tenant limits: requests and tokens per minute (sliding windows) and requests in flight.
+"""Per-tenant limits: requests and tokens per minute (sliding windows), requests in flight, and $ budgets.
 
 A sliding-window log counts exactly what happened in the last 60 s: no burst of 2x at a window edge as with
 fixed windows. Tokens are only known when a request ends (the engine's `usage`), so tpm admits a request while
 the tokens of the last minute are under the limit and charges its tokens when it finishes: a burst of
 concurrent requests can overshoot tpm by what they use, never for longer than a minute.
+
+Budgets are $ per UTC day and per UTC calendar month, checked before a request starts and charged when it ends:
+a tenant over budget gets no new request until the period resets, and the overshoot is at most the cost of the
+requests already running when the budget was reached.
 
 State lives in this process: several gateway replicas would need a shared store (Redis) to share limits.
 """
@@ -15,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from serve.config import Limits
 
@@ -54,11 +59,30 @@ class Window:
         return max(wait, 0.0)
 
 
+PERIODS = {"day": "usd_per_day", "month": "usd_per_month"}  # budget period -> its field in Limits
+ADJECTIVE = {"day": "daily", "month": "monthly"}
+
+
+def period_of(period: str, when: datetime) -> str:
+    """The UTC day or month `when` falls in, as a key: '2026-12-01' or '2026-12'."""
+    return when.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
+
+
+def next_reset(period: str, when: datetime) -> datetime:
+    """When the budget period holding `when` ends: the next UTC midnight, or the 1st of the next month."""
+    day = when.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return datetime.fromtimestamp(day.timestamp() + 86400, UTC)
+    month = day.replace(day=1)
+    return month.replace(year=month.year + 1, month=1) if month.month == 12 else month.replace(month=month.month + 1)
+
+
 @dataclass
 class Decision:
     ok: bool
-    limit: str | None = None  # rpm | tpm | concurrency when refused
+    limit: str | None = None  # rpm | tpm | concurrency | usd_per_day | usd_per_month when refused
     retry_after: float = 0.0
+    message: str = ""
 
     @property
     def retry_after_header(self) -> str:
@@ -71,11 +95,13 @@ class _State:
     requests: Window = field(default_factory=Window)
     tokens: Window = field(default_factory=Window)
     inflight: int = 0
+    spent: dict[str, tuple[str, float]] = field(default_factory=dict)  # period -> (its key, $ spent in it)
 
 
 class Limiter:
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
+    def __init__(self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+        """`clock` times the per-minute windows; `wall` (epoch seconds) places spend in UTC days and months."""
+        self.clock, self.wall = clock, wall
         self.states: dict[str, _State] = {}
 
     def _state(self, tenant: str) -> _State:
@@ -95,14 +121,55 @@ class Limiter:
             return Decision(False, "rpm", s.requests.wait_until_below(now, limits.rpm))
         if limits.tpm is not None and s.tokens.used(now) >= limits.tpm:
             return Decision(False, "tpm", s.tokens.wait_until_below(now, limits.tpm))
+        over = self._over_budget(s, limits)
+        if over is not None:
+            return over
         s.requests.add(now)
         s.inflight += 1
         return Decision(True)
 
-    def release(self, tenant: str, tokens: int = 0) -> None:
+    def _over_budget(self, s: _State, limits: Limits) -> Decision | None:
+        when = datetime.fromtimestamp(self.wall(), UTC)
+        for period, name in PERIODS.items():
+            budget = getattr(limits, name)
+            spent = self._spent(s, period, when)
+            if budget is not None and spent >= budget:
+                reset = next_reset(period, when)
+                message = (
+                    f"the {ADJECTIVE[period]} budget of ${budget:g} is spent (${spent:.6f}); it resets at "
+                    f"{reset:%Y-%m-%dT%H:%M:%SZ}"
+                )
+                return Decision(False, name, (reset - when).total_seconds(), message)
+        return None
+
+    @staticmethod
+    def _spent(s: _State, period: str, when: datetime) -> float:
+        key, usd = s.spent.get(period, ("", 0.0))
+        return usd if key == period_of(period, when) else 0.0
+
+    def release(self, tenant: str, tokens: int = 0, cost_usd: float = 0.0) -> None:
+        """End a request: give its concurrency slot back and charge its tokens and cost."""
         s = self._state(tenant)
         s.inflight = max(0, s.inflight - 1)
         s.tokens.add(self.clock(), tokens)
+        if cost_usd:
+            when = datetime.fromtimestamp(self.wall(), UTC)
+            for period in PERIODS:
+                s.spent[period] = (period_of(period, when), self._spent(s, period, when) + cost_usd)
+
+    def spend(self, tenant: str) -> dict[str, float]:
+        """$ spent in the current UTC day and month."""
+        s, when = self._state(tenant), datetime.fromtimestamp(self.wall(), UTC)
+        return {f"usd_this_{period}": round(self._spent(s, period, when), 9) for period in PERIODS}
+
+    def budget_utilization(self, tenant: str, limits: Limits) -> dict[str, float]:
+        """Share of each set budget spent in its current period; above 1 by the overshoot."""
+        spent = self.spend(tenant)
+        return {
+            period: spent[f"usd_this_{period}"] / getattr(limits, name)
+            for period, name in PERIODS.items()
+            if getattr(limits, name)
+        }
 
     def inflight(self, tenant: str) -> int:
         return self._state(tenant).inflight

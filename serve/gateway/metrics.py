@@ -50,15 +50,24 @@ class Metrics:
         self.quota = Gauge(
             "lorafleet_quota_utilization", "Share of a per-minute limit used", ["tenant", "limit"], registry=r
         )
+        self.budget = Gauge(
+            "lorafleet_budget_utilization",
+            "Share of a $ budget spent in its current UTC period (above 1 by the overshoot)",
+            ["tenant", "period"],
+            registry=r,
+        )
         self.price = Gauge(
             "lorafleet_price_usd_per_hour", "What an engine costs to run", ["upstream", "model"], registry=r
         )
 
     def refresh_quota(self, tenants: TenantStore, limiter: Limiter) -> None:
-        """Per-minute utilization decays with time, not with requests: compute it when scraped."""
+        """Per-minute utilization decays with time, and budgets reset at midnight, not with requests: compute
+        them when scraped."""
         for t in tenants.tenants.values():
             for limit, share in limiter.utilization(t.name, t.limits).items():
                 self.quota.labels(t.name, limit).set(share)
+            for period, share in limiter.budget_utilization(t.name, t.limits).items():
+                self.budget.labels(t.name, period).set(share)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -70,6 +70,13 @@ def rate_limited(limit: str, retry_after: str) -> ApiError:
     )
 
 
+def over_budget(message: str, retry_after: str) -> ApiError:
+    """A tenant's $ budget is spent: 429 with the type and code OpenAI uses for an exhausted quota."""
+    return ApiError(
+        429, message, type="insufficient_quota", code="insufficient_quota", headers={"Retry-After": retry_after}
+    )
+
+
 def unavailable(message: str, retry_after: int) -> ApiError:
     return ApiError(
         503, message, type="server_error", code="engine_unavailable", headers={"Retry-After": str(retry_after)}

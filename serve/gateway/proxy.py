@@ -28,6 +28,7 @@ from serve.gateway.protocol import (
     Kind,
     ProxyRequest,
     model_not_found,
+    over_budget,
     parse_request,
     rate_limited,
     unauthorized,
@@ -178,6 +179,8 @@ class Proxy:
             decision = self.limiter.admit(tenant.name, tenant.limits)
             if not decision.ok:
                 self.m.ratelimited.labels(tenant.name, decision.limit).inc()
+                if decision.limit.startswith("usd_"):
+                    raise over_budget(decision.message, decision.retry_after_header)
                 raise rate_limited(decision.limit, decision.retry_after_header)
         except ApiError as e:
             self.m.requests.labels(tenant_label, model_label, str(e.status)).inc()
@@ -274,7 +277,12 @@ class Proxy:
         code = ctx.code if ctx.completed or ctx.code not in (0, 200) else CLIENT_CLOSED
         usage = ctx.usage or {}
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        self.limiter.release(tenant, prompt + completion)
+        cost = (
+            self.price(model, ctx.model.base, ctx.tenant.config).cost(prompt, completion)
+            if prompt or completion
+            else 0.0
+        )
+        self.limiter.release(tenant, prompt + completion, cost)
         if ctx.replica is not None:
             ctx.replica.inflight -= 1
         m.inflight.labels(tenant).dec()
@@ -288,7 +296,6 @@ class Proxy:
                 itl.observe(gap)
         ctx.tenant.usage.requests += 1
         if prompt or completion:
-            cost = self.price(model, ctx.model.base, ctx.tenant.config).cost(prompt, completion)
             m.tokens.labels(tenant, model, "prompt").inc(prompt)
             m.tokens.labels(tenant, model, "completion").inc(completion)
             m.cost.labels(tenant, model).inc(cost)

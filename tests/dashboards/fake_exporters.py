@@ -57,6 +57,7 @@ class GatewayMetrics:
         self.upstream_up = Gauge("lorafleet_upstream_up", "up", ["upstream"], registry=r)
         self.inflight = Gauge("lorafleet_inflight_requests", "inflight", ["tenant"], registry=r)
         self.quota = Gauge("lorafleet_quota_utilization", "quota", ["tenant", "limit"], registry=r)
+        self.budget = Gauge("lorafleet_budget_utilization", "budget", ["tenant", "period"], registry=r)
         self.price = Gauge("lorafleet_price_usd_per_hour", "price", ["upstream", "model"], registry=r)
         for upstream, (_, models, usd_per_hour) in UPSTREAMS.items():
             self.upstream_up.labels(upstream).set(1)
@@ -196,6 +197,7 @@ class FakeFleet:
             g.inflight.labels(tenant).set(round(6 * load) + len(tenant) % 3)
             g.quota.labels(tenant, "rpm").set(round(min(1.0, 0.3 + 0.6 * load + 0.1 * (tenant == "globex")), 3))
             g.quota.labels(tenant, "tpm").set(round(0.5 * load, 3))
+            g.budget.labels(tenant, "day").set(round(0.9 * load, 3))
             for model in models:
                 g.request(tenant, model, step, prompt=100 + step % 30, completion=40 + round(40 * load))
         for i, (upstream, engine) in enumerate(self.engines.items()):

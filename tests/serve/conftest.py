@@ -14,7 +14,7 @@ from tests.conftest import MODELS, free_port
 from tests.serve.fake_engine import FakeEngine
 from train.export import random_adapter
 
-KEYS = {name: f"sk-test-{name}" for name in ("acme", "globex", "tight", "single", "meter")}
+KEYS = {name: f"sk-test-{name}" for name in ("acme", "globex", "tight", "single", "meter", "budget")}
 ADMIN_KEY = "sk-test-admin"
 
 

@@ -17,6 +17,7 @@ from tests.serve.fake_engine import FakeEngine, wait_for
 
 MSG = [{"role": "user", "content": "hello there"}]
 TINY = str(MODELS / "tiny-random-llama")
+BUDGET = 0.0005  # $ per day: about six 40-token answers at the fake's price
 
 
 def engine(urls: list[str], name: str = "fake", served: str = "fake-base") -> dict:
@@ -30,6 +31,7 @@ def tenants() -> list[dict]:
         tenant("tight", ["*"], rpm=2),
         tenant("single", ["*"], concurrency=1),
         tenant("meter", ["*"]),
+        tenant("budget", ["*"], usd_per_day=BUDGET),
     ]
 
 
@@ -191,6 +193,40 @@ def test_a_whole_answer_whose_client_left_is_generated_and_charged(gw, fake_engi
         )
     assert wait_for(lambda: scrape(gw.url, "lorafleet_requests_total", tenant="meter", code="499") == 1)
     assert fake_engine.state.generated == 40 and tenant_usage(gw, "meter")["completion_tokens"] == 40
+
+
+def test_daily_budget_refuses_with_insufficient_quota_and_overshoots_by_at_most_the_running_requests(gw, fake_engine):
+    fake_engine.state.token_delay = 0.01
+    c = client(gw, "budget")
+
+    def ask(_):
+        try:
+            r = c.chat.completions.create(model="fake-base", messages=MSG, max_tokens=40)
+            return (r.usage.prompt_tokens * 1 + r.usage.completion_tokens * 2) / 1e6  # the fake's price
+        except openai.RateLimitError as e:
+            return e
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, range(40)))
+    costs, refused = [g for g in got if isinstance(g, float)], [g for g in got if not isinstance(g, float)]
+    assert costs and refused, "the budget was never reached, or nothing was served"
+    err = refused[0].body
+    assert refused[0].status_code == 429 and err["type"] == err["code"] == "insufficient_quota"
+    assert "daily budget of $0.0005 is spent" in err["message"] and "resets at" in err["message"]
+    assert 0 < int(refused[0].response.headers["retry-after"]) <= 86400
+    spent = tenant_usage(gw, "budget")["usd_this_day"]
+    assert spent == pytest.approx(sum(costs))
+    overshoot = spent - BUDGET
+    print(
+        f"\nbudget ${BUDGET}: spent ${spent:.6f}, overshoot ${overshoot:.6f} = {overshoot / max(costs):.1f} requests"
+    )
+    # Admission stops at the budget; what overshoots is the request that crossed it and the (at most 7) others
+    # already running then.
+    assert 0 <= overshoot <= 8 * max(costs)
+    assert scrape(gw.url, "lorafleet_ratelimited_total", tenant="budget", limit="usd_per_day") == len(refused)
+    assert scrape(gw.url, "lorafleet_budget_utilization", tenant="budget", period="day") == pytest.approx(
+        spent / BUDGET
+    )
 
 
 def test_metered_tokens_and_cost_equal_the_usage_clients_received(gw):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 
 from serve.config import Limits, TenantConfig
@@ -164,3 +166,58 @@ def test_utilization_is_the_share_of_each_set_limit():
 @pytest.mark.parametrize("seconds,header", [(0.0, "1"), (0.2, "1"), (1.0, "1"), (1.01, "2"), (49.5, "50")])
 def test_retry_after_header_rounds_up_to_whole_seconds(seconds, header):
     assert Decision(False, "rpm", seconds).retry_after_header == header
+
+
+# -- $ budgets (a fake wall clock walks across UTC midnights and month ends)
+
+
+class Wall:
+    def __init__(self, iso: str):
+        self.t = datetime.fromisoformat(iso).timestamp()
+
+    def __call__(self) -> float:
+        return self.t
+
+    def go(self, iso: str) -> None:
+        self.t = datetime.fromisoformat(iso).timestamp()
+
+
+def test_daily_budget_refuses_once_spent_and_resets_at_utc_midnight():
+    wall = Wall("2026-12-01T22:00:00+00:00")
+    lim, limits = Limiter(wall=wall), Limits(usd_per_day=1.0)
+    for _ in range(3):
+        assert lim.admit("t", limits).ok
+        lim.release("t", 10, 0.4)  # 1.2 spent: the third request overshot by what it cost
+    d = lim.admit("t", limits)
+    assert (d.ok, d.limit, d.retry_after) == (False, "usd_per_day", 2 * 3600)
+    assert "daily budget of $1 is spent ($1.200000)" in d.message and "2026-12-02T00:00:00Z" in d.message
+    assert lim.budget_utilization("t", limits) == {"day": pytest.approx(1.2)}
+    wall.go("2026-12-01T23:59:59+00:00")
+    assert not lim.admit("t", limits).ok
+    wall.go("2026-12-02T00:00:00+00:00")
+    assert lim.admit("t", limits).ok and lim.spend("t")["usd_this_day"] == 0
+    assert lim.spend("t")["usd_this_month"] == pytest.approx(1.2)  # the month goes on
+
+
+@pytest.mark.parametrize(
+    "now,reset",
+    [("2026-12-31T10:00:00+00:00", "2027-01-01T00:00:00Z"), ("2026-02-28T23:00:00+00:00", "2026-03-01T00:00:00Z")],
+)
+def test_monthly_budget_resets_on_the_first_of_the_next_month(now, reset):
+    wall = Wall(now)
+    lim, limits = Limiter(wall=wall), Limits(usd_per_month=5.0)
+    assert lim.admit("t", limits).ok
+    lim.release("t", 0, 5.0)
+    d = lim.admit("t", limits)
+    assert (d.ok, d.limit) == (False, "usd_per_month") and reset in d.message
+    wall.go(reset.replace("Z", "+00:00"))
+    assert lim.admit("t", limits).ok
+
+
+def test_budgets_are_per_tenant_and_unset_budgets_are_unlimited():
+    lim = Limiter(wall=Wall("2026-12-01T12:00:00+00:00"))
+    lim.admit("a", Limits(usd_per_day=0.5))
+    lim.release("a", 0, 0.5)
+    assert not lim.admit("a", Limits(usd_per_day=0.5)).ok
+    assert lim.admit("b", Limits(usd_per_day=0.5)).ok and lim.admit("a", Limits()).ok
+    assert lim.budget_utilization("a", Limits()) == {}
