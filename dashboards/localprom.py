@@ -42,11 +42,15 @@ def split_metrics_url(url: str) -> tuple[str, str]:
 
 
 def scrape_config(
-    targets: dict[str, list[str]], scrape_interval: str | None = None, evaluation_interval: str | None = None
+    targets: dict[str, list[str]],
+    scrape_interval: str | None = None,
+    evaluation_interval: str | None = None,
+    gateway_token: str | None = None,
 ) -> dict[str, Any]:
     """The committed config with each job's targets replaced by `targets[job]` (metrics URLs).
 
     Jobs missing from `targets` are dropped; rule files become absolute so the config works from any folder.
+    `gateway_token` is the gateway's metrics key (gateway.metrics_key_hash), sent as a bearer token.
     """
     unknown = set(targets) - set(JOBS)
     if unknown:
@@ -67,6 +71,8 @@ def scrape_config(
             raise ValueError(f"job {job['job_name']}: all targets must share one metrics path, got {sorted(paths)}")
         job["metrics_path"] = paths.pop()
         job["static_configs"] = [{"targets": [split_metrics_url(u)[0] for u in urls]}]
+        if gateway_token and job["job_name"] == "lorafleet-gateway":
+            job["authorization"] = {"type": "Bearer", "credentials": gateway_token}
         jobs.append(job)
     config["scrape_configs"] = jobs
     return config

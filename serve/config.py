@@ -36,6 +36,11 @@ class GatewayConfig(Strict):
     host: str = Field("127.0.0.1", description="address the gateway listens on")
     port: int = Field(8080, gt=0, lt=65536, description="gateway port")
     admin_key_hash: str | None = Field(None, description="sha256:<hex> of the admin key; none = admin API off")
+    metrics_key_hash: str | None = Field(
+        None,
+        description="sha256:<hex> of a bearer token /metrics and /engines/*/metrics require (the admin key works "
+        "too); none = open to anyone who can reach the gateway",
+    )
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
     max_tokens_cap: int = Field(2048, gt=0, description="requests asking for more max_tokens get 400")
     max_n: int = Field(8, gt=0, description="requests asking for more choices (n) get 400")
@@ -45,7 +50,7 @@ class GatewayConfig(Strict):
     retry_after_s: int = Field(5, gt=0, description="Retry-After sent with 503 when no engine is up")
     log_dir: str | None = Field(None, description="engine logs; default: runs/serve under the lorafleet home")
 
-    @field_validator("admin_key_hash")
+    @field_validator("admin_key_hash", "metrics_key_hash")
     @classmethod
     def _hash(cls, v: str | None) -> str | None:
         if v is not None and not KEY_HASH.match(v):
@@ -58,6 +63,11 @@ class EngineConfig(Strict):
     model: str = Field(description="lorafleet model id (models/<id>) or a local HF folder")
     served_name: str | None = Field(
         None, description="the model name clients use; default: the model id or folder name"
+    )
+    host: str = Field(
+        "127.0.0.1",
+        description="address lorafleet's vLLM processes listen on: loopback by default, because an engine's API has "
+        "no keys (any caller could load adapters or read every tenant's traffic); the gateway is the way in",
     )
     port: int = Field(8001, gt=0, lt=65536, description="port of the first replica; replica i uses port + i")
     replicas: int = Field(1, gt=0, le=16, description="vLLM processes serving this model")
@@ -96,7 +106,8 @@ class EngineConfig(Strict):
         return not self.urls
 
     def replica_urls(self) -> list[str]:
-        return list(self.urls) or [f"http://127.0.0.1:{self.port + i}" for i in range(self.replicas)]
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # listening on all: reach it locally
+        return list(self.urls) or [f"http://{host}:{self.port + i}" for i in range(self.replicas)]
 
     def replica_names(self) -> list[str]:
         n = len(self.replica_urls())

@@ -119,6 +119,7 @@ def engine_specs(cfg: ServeConfig) -> dict[str, EngineSpec]:
                 name=name,
                 model=base_model_path(e),
                 port=e.port + i,
+                host=e.host,
                 served_name=e.public_name,
                 enable_lora=e.enable_lora,
                 max_lora_rank=e.max_lora_rank,

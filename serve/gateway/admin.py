@@ -19,6 +19,22 @@ from serve.gateway.registry import Registry
 from serve.gateway.tenants import TenantStore, bearer_key, key_matches
 
 
+def check_metrics_key(metrics_hash: str | None, admin_hash: str | None, authorization: str | None) -> None:
+    """Nothing when the metrics are open (no metrics key set) or the request carries the metrics or admin key."""
+    if metrics_hash is None or is_operator(metrics_hash, admin_hash, authorization):
+        return
+    raise ApiError(
+        401, "metrics key required: send `Authorization: Bearer METRICS_KEY`", "authentication_error",
+        code="invalid_api_key",
+    )  # fmt: skip
+
+
+def is_operator(metrics_hash: str | None, admin_hash: str | None, authorization: str | None) -> bool:
+    """Whether the request carries the metrics key or the admin key."""
+    key = bearer_key(authorization)
+    return key is not None and any(h is not None and key_matches(key, h) for h in (metrics_hash, admin_hash))
+
+
 def check_admin_key(stored_hash: str | None, authorization: str | None) -> None:
     key = bearer_key(authorization)
     if stored_hash is None:

@@ -14,7 +14,7 @@ import httpx
 from fastapi import Depends, Request
 
 from serve.config import ServeConfig
-from serve.gateway.admin import check_admin_key
+from serve.gateway.admin import check_admin_key, check_metrics_key, is_operator
 from serve.gateway.limits import Limiter
 from serve.gateway.metrics import Metrics
 from serve.gateway.protocol import unauthorized
@@ -77,6 +77,18 @@ async def require_admin(request: Request) -> None:
     check_admin_key(_gateway(request).cfg.gateway.admin_key_hash, request.headers.get("authorization"))
 
 
+async def require_metrics_key(request: Request) -> None:
+    """401 unless the metrics are open or the request carries the metrics key (or the admin key)."""
+    g = _gateway(request).cfg.gateway
+    check_metrics_key(g.metrics_key_hash, g.admin_key_hash, request.headers.get("authorization"))
+
+
+async def get_is_operator(request: Request) -> bool:
+    """Whether the caller holds the metrics or admin key (who may see engine names and states)."""
+    g = _gateway(request).cfg.gateway
+    return is_operator(g.metrics_key_hash, g.admin_key_hash, request.headers.get("authorization"))
+
+
 ConfigDep = Annotated[ServeConfig, Depends(get_config)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 TenantsDep = Annotated[TenantStore, Depends(get_tenants)]
@@ -86,3 +98,5 @@ ClientDep = Annotated[httpx.AsyncClient, Depends(get_client)]
 AdaptersRootDep = Annotated[Path, Depends(get_adapters_root)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 AdminDep = Depends(require_admin)
+MetricsKeyDep = Depends(require_metrics_key)
+OperatorDep = Annotated[bool, Depends(get_is_operator)]

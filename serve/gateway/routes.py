@@ -15,6 +15,8 @@ from serve.gateway.deps import (
     ConfigDep,
     LimiterDep,
     MetricsDep,
+    MetricsKeyDep,
+    OperatorDep,
     RegistryDep,
     TenantDep,
     TenantsDep,
@@ -62,18 +64,21 @@ def _replica_names(registry: Registry) -> list[str]:
 
 
 @router.get("/health")
-async def health(registry: RegistryDep) -> dict:
+async def health(registry: RegistryDep, operator: OperatorDep) -> dict:
+    """Anyone learns that the gateway is up; only the metrics or admin key learns which engines are."""
+    if not operator:
+        return {"status": "ok"}
     replicas = [r for rs in registry.groups.values() for r in rs]
     return {"status": "ok", "upstreams": {r.name: bool(r.up) for r in replicas}}
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[MetricsKeyDep])
 async def metrics(m: MetricsDep, tenants: TenantsDep, limiter: LimiterDep) -> Response:
     m.refresh_quota(tenants, limiter)
     return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/engines/{name}/metrics")
+@router.get("/engines/{name}/metrics", dependencies=[MetricsKeyDep])
 async def engine_metrics(name: str, registry: RegistryDep, client: ClientDep) -> Response:
     """An engine's own vLLM metrics, for a Prometheus that can reach only the gateway."""
     replica = registry.replica(name)

@@ -179,7 +179,8 @@ def test_engine_killed_mid_stream_then_back_without_a_gateway_restart(tiny_adapt
         down = ask(server, "tiny-a")
         assert down.status_code == 503 and down.headers["retry-after"] == "5"
         assert_error_json(down.content, "engine_unavailable")
-        assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "upstreams": {"fake": False}}
+        detail = httpx.get(f"{server.url}/health", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+        assert detail == {"status": "ok", "upstreams": {"fake": False}}
 
         engine = EngineProcess(port, token_delay=0.0)  # the engine is back, empty: no adapter loaded
         # the gateway notices (health checks) and loads the adapter back before anyone asks for it
