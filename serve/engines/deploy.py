@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import subprocess
+from collections import defaultdict
 from pathlib import Path
 
 from lorafleet.core import paths
@@ -108,9 +110,58 @@ def ensure_merged(cfg: ServeConfig, adapter: AdapterConfig) -> Path:
     return out
 
 
-def engine_specs(cfg: ServeConfig) -> dict[str, EngineSpec]:
-    """Specs of the engine processes lorafleet runs itself, by replica name (merged adapters included)."""
+GPU_MEMORY_TOTAL = 0.9  # vLLM's own default for one engine: the share all engines on a GPU may take together
+GPU_FLAG = "--gpu-memory-utilization"
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs on this host (`nvidia-smi -L`); 0 on a CPU host."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+
+
+def place_on_gpus(specs: list[EngineSpec], shares: list[float | None], gpus: int) -> None:
+    """Give each engine process a GPU (round robin, so replicas land on different GPUs) and a memory share.
+
+    vLLM takes 0.9 of a GPU's memory by default, so a second engine on that GPU cannot start: engines without a
+    configured share split what the others leave of 0.9 on their GPU."""
+    on: dict[int, list[int]] = defaultdict(list)
+    for i, spec in enumerate(specs):
+        spec.cuda_device = i % gpus
+        on[spec.cuda_device].append(i)
+        shares[i] = _share_in_args(spec.extra_args) or shares[i]  # a share passed in extra_args counts too
+    for device, members in on.items():
+        auto = [i for i in members if shares[i] is None]
+        left = GPU_MEMORY_TOTAL - sum(shares[i] or 0.0 for i in members)
+        if auto and left < 0.05 * len(auto):
+            names = ", ".join(specs[i].name for i in members)
+            raise ConfigError(
+                f"GPU {device} holds {names}: the set gpu_memory_utilization shares leave {max(left, 0):.2f} of "
+                f"{GPU_MEMORY_TOTAL} for {len(auto)} more; lower them or set every engine's share"
+            )
+        for i in members:
+            if GPU_FLAG not in specs[i].extra_args:
+                specs[i].gpu_memory_utilization = shares[i] if shares[i] is not None else round(left / len(auto), 3)
+
+
+def _share_in_args(args: list[str]) -> float | None:
+    if GPU_FLAG in args and args.index(GPU_FLAG) + 1 < len(args):
+        try:
+            return float(args[args.index(GPU_FLAG) + 1])
+        except ValueError:
+            return None
+    return None
+
+
+def engine_specs(cfg: ServeConfig, gpus: int | None = None) -> dict[str, EngineSpec]:
+    """Specs of the engine processes lorafleet runs itself, by replica name (merged adapters included).
+
+    `gpus`: the host's GPU count (default: ask nvidia-smi); 0 runs every engine on the CPU."""
     specs: dict[str, EngineSpec] = {}
+    shares: list[float | None] = []
     for e in cfg.engines:
         if not e.managed:
             continue
@@ -129,6 +180,7 @@ def engine_specs(cfg: ServeConfig) -> dict[str, EngineSpec]:
                 kv_cache_gib=e.kv_cache_gib,
                 extra_args=list(e.extra_args),
             )
+            shares.append(e.gpu_memory_utilization)
     for a in cfg.adapters:
         if a.mode == "merged" and a.port is not None:
             base = cfg.engine_for(a.base)
@@ -142,4 +194,8 @@ def engine_specs(cfg: ServeConfig) -> dict[str, EngineSpec]:
                 kv_cache_gib=base.kv_cache_gib,
                 extra_args=list(base.extra_args),
             )
+            shares.append(base.gpu_memory_utilization)
+    gpus = gpu_count() if gpus is None else gpus
+    if gpus:
+        place_on_gpus(list(specs.values()), shares, gpus)
     return specs

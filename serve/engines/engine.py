@@ -39,6 +39,8 @@ class EngineSpec:
     kv_cache_gib: int = 2  # CPU only: VLLM_CPU_KVCACHE_SPACE
     dtype: str = "bfloat16"
     extra_args: list[str] = field(default_factory=list)
+    gpu_memory_utilization: float | None = None  # GPU hosts only (see serve.engines.deploy.place_on_gpus)
+    cuda_device: int | None = None  # GPU hosts only: CUDA_VISIBLE_DEVICES of this process
 
     def command(self) -> list[str]:
         # `python -m ...api_server` works whether or not a `vllm` distribution is registered (vllm-cpu has none).
@@ -51,10 +53,14 @@ class EngineSpec:
             cmd += ["--max-cpu-loras", str(self.max_cpu_loras or max(self.max_loras, 8))]
             if self.lora_modules:
                 cmd += ["--lora-modules", *(f"{k}={v}" for k, v in self.lora_modules.items())]
+        if self.gpu_memory_utilization is not None:
+            cmd += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:.3f}"]
         return cmd + self.extra_args
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        if self.cuda_device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.cuda_device)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
         # The gateway loads adapters at run time through /v1/load_lora_adapter.
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"

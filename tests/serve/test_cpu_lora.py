@@ -10,9 +10,14 @@ import pytest
 import torch
 
 from serve.engines import cpu_lora
+from serve.engines.deploy import gpu_count
 from train.export import random_adapter
 
 SLOTS, RANK = 4, 16
+# The plugin acts on the CPU platform only; on a GPU host the engine runs vLLM's CUDA kernels instead.
+cpu_engine = pytest.mark.skipif(
+    gpu_count() > 0, reason="GPU host: vLLM serves LoRA with its CUDA kernels, not this plugin"
+)
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -175,6 +180,7 @@ def probes_beside(url: str, base: str, prefixes: list[list[int]], companions: li
 
 
 @pytest.mark.vllm
+@cpu_engine
 def test_engine_loads_the_plugin(vllm_engine):
     assert "CPU LoRA ops from serve.engines.cpu_lora installed" in vllm_engine.log_path.read_text(errors="replace")
 
@@ -209,6 +215,7 @@ def test_served_lora_matches_peft_in_transformers(vllm_engine, smollm2_path, tmp
 
 
 @pytest.mark.vllm
+@cpu_engine
 def test_base_requests_stay_base_when_every_slot_holds_an_adapter(vllm_engine, smollm2_path, tmp_path):
     """vLLM's own CPU ops gave base-model tokens the last slot's adapter once all --max-loras slots were used.
 
