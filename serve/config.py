@@ -78,6 +78,10 @@ class EngineConfig(Strict):
     max_cpu_loras: int | None = Field(None, gt=0, description="adapters cached in RAM; default max(max_loras, 8)")
     max_model_len: int = Field(2048, gt=0)
     kv_cache_gib: int = Field(2, gt=0, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="weights and activations; auto: bfloat16 on GPUs and CPUs with AVX512-BF16/AMX, else float32",
+    )
     gpu_memory_utilization: float | None = Field(
         None,
         gt=0,

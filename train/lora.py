@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lorafleet.core.cpu import fast_bf16
 from train.config import TrainConfig, TrainError
 from train.dataset import IGNORE, Example, collate
 from train.export import supported_modules
@@ -20,8 +21,7 @@ from train.export import supported_modules
 def use_bf16(setting: str) -> bool:
     if setting != "auto":
         return setting == "true"
-    # bf16 matmuls are only fast with AVX512-BF16 or AMX; elsewhere they are emulated and slower than fp32.
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return fast_bf16()
 
 
 def seed_everything(seed: int) -> None:

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from lorafleet.core import paths
+from lorafleet.core.cpu import fast_bf16
 from lorafleet.core.errors import UserError
 from serve.config import AdapterConfig, ConfigError, EngineConfig, ServeConfig, merged_group
 from serve.engines.engine import EngineSpec
@@ -156,12 +157,20 @@ def _share_in_args(args: list[str]) -> float | None:
     return None
 
 
+def engine_dtype(e: EngineConfig, gpus: int) -> str:
+    """bf16 where it is fast (GPUs, CPUs with AVX512-BF16 or AMX), else fp32: see lorafleet.core.cpu."""
+    if e.dtype != "auto":
+        return e.dtype
+    return "bfloat16" if gpus or fast_bf16() else "float32"
+
+
 def engine_specs(cfg: ServeConfig, gpus: int | None = None) -> dict[str, EngineSpec]:
     """Specs of the engine processes lorafleet runs itself, by replica name (merged adapters included).
 
     `gpus`: the host's GPU count (default: ask nvidia-smi); 0 runs every engine on the CPU."""
     specs: dict[str, EngineSpec] = {}
     shares: list[float | None] = []
+    gpus = gpu_count() if gpus is None else gpus
     for e in cfg.engines:
         if not e.managed:
             continue
@@ -178,6 +187,7 @@ def engine_specs(cfg: ServeConfig, gpus: int | None = None) -> dict[str, EngineS
                 max_cpu_loras=e.max_cpu_loras,
                 max_model_len=e.max_model_len,
                 kv_cache_gib=e.kv_cache_gib,
+                dtype=engine_dtype(e, gpus),
                 extra_args=list(e.extra_args),
             )
             shares.append(e.gpu_memory_utilization)
@@ -192,10 +202,10 @@ def engine_specs(cfg: ServeConfig, gpus: int | None = None) -> dict[str, EngineS
                 enable_lora=False,
                 max_model_len=base.max_model_len,
                 kv_cache_gib=base.kv_cache_gib,
+                dtype=engine_dtype(base, gpus),
                 extra_args=list(base.extra_args),
             )
             shares.append(base.gpu_memory_utilization)
-    gpus = gpu_count() if gpus is None else gpus
     if gpus:
         place_on_gpus(list(specs.values()), shares, gpus)
     return specs

@@ -195,3 +195,14 @@ def test_one_vllm_version_across_install_script_constraints_and_image():
     }
     found = {k: m.group(1) if m else None for k, m in versions.items()}
     assert len(set(found.values())) == 1 and None not in found.values(), found
+
+
+@pytest.mark.parametrize(
+    "dtype,gpus,fast,want",
+    [("auto", 0, False, "float32"), ("auto", 0, True, "bfloat16"), ("auto", 1, False, "bfloat16"),
+     ("bfloat16", 0, False, "bfloat16"), ("float32", 1, True, "float32")],
+)  # fmt: skip
+def test_engines_run_bf16_only_where_it_is_fast(monkeypatch, dtype, gpus, fast, want):
+    monkeypatch.setattr(deploy, "fast_bf16", lambda: fast)
+    (spec,) = gpu_specs([{"name": "a", "dtype": dtype}], gpus=gpus).values()
+    assert flag(spec, "--dtype") == want
