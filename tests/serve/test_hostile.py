@@ -24,7 +24,7 @@ from tests.serve.conftest import ADMIN_KEY, KEYS, config, metric, scrape, tenant
 MSG = [{"role": "user", "content": "hello"}]
 TINY = str(MODELS / "tiny-random-llama")
 OWNERS = {"acme": "acme-a", "globex": "globex-a", "single": "single-a"}  # each tenant's private adapter
-FUZZ_EXAMPLES = 600
+FUZZ_EXAMPLES = 1000  # the issue asks for at least 1,000 generated cases in CI
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_generated_requests_never_get_a_5xx(gw):
     print(
         f"\nschemathesis: {total} generated cases over {len(ops)} operations, status counts {dict(sorted(seen.items()))}"
     )
-    assert total >= 500 and not any(code >= 500 for code in seen)
+    assert total >= FUZZ_EXAMPLES and not any(code >= 500 for code in seen)
     assert seen.get(200, 0) > 0 and seen.get(400, 0) > 0 and seen.get(401, 0) > 0  # it got past the checks too
     assert_alive(gw)
 
