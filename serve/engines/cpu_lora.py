@@ -46,9 +46,11 @@ def lora_matmul(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, dtype: torc
     """
     if w.dim() == 4:
         w = w.squeeze(1)
-    x = x.to(dtype)
     slots, slot_of_row, rows, has_lora = _plan(idx)
-    if len(slots) == 1 and slots[0] >= 0:  # the common case: one adapter in the batch
+    if slots == [-1]:  # base-model tokens only: nothing to compute
+        return x.new_zeros(x.shape[0], w.shape[1], dtype=dtype)
+    x = x.to(dtype)
+    if len(slots) == 1:  # the common case: one adapter in the batch
         return x @ w[slots[0]].to(dtype).T
     if x.shape[0] <= ALL_SLOTS_MAX_TOKENS:
         # decode-sized mixed batches: every slot's product in one batched matmul beats a Python loop over
@@ -63,9 +65,17 @@ def lora_matmul(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, dtype: torc
     return out
 
 
+def _base_only(inputs, lora_indices_tensor) -> bool:
+    """No token of the batch has an adapter (a LoRA engine serving base-model requests): the ops add nothing."""
+    return inputs.shape[0] == lora_indices_tensor.shape[0] and _plan(lora_indices_tensor)[0] == [-1]
+
+
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
     if inputs.shape[0] != lora_indices_tensor.shape[0]:  # a shape vLLM's einsum broadcasts: keep its own op
         return _vllm_op("bgmv_shrink")(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
+    if _base_only(inputs, lora_indices_tensor):
+        output_tensor[:, : lora_a_weights.shape[-2]] = 0
+        return None
     outputs = lora_matmul(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
@@ -73,6 +83,8 @@ def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scal
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
     if inputs.shape[0] != lora_indices_tensor.shape[0]:
         return _vllm_op("bgmv_expand")(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
+    if add_inputs and _base_only(inputs, lora_indices_tensor):
+        return None
     outputs = lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     # the same row limit and padding rules as vLLM's op
     limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
@@ -90,6 +102,8 @@ def bgmv_expand_slice(
         return _vllm_op("bgmv_expand_slice")(
             inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size, add_inputs
         )
+    if add_inputs and _base_only(inputs, lora_indices_tensor):
+        return None
     outputs = lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs

@@ -68,6 +68,15 @@ def test_ops_match_vllms_where_every_token_has_an_adapter():
     assert (mine[1][:, :10] == 1).all() and (mine[1][:, 58:] == 1).all()  # outside the slice untouched
 
 
+def test_a_batch_without_adapters_adds_nothing():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 64, generator=g).to(torch.bfloat16)
+    a = torch.randn(SLOTS, 1, RANK, 64, generator=g).to(torch.bfloat16)
+    b = torch.randn(SLOTS, 1, 48, RANK, generator=g).to(torch.bfloat16)
+    buf, y, z = _run_ops(cpu_lora.PATCHED, x, a, b, torch.full((40,), -1))
+    assert not buf.any() and (y == 1).all() and not z.any()
+
+
 def test_shapes_vllms_einsum_broadcasts_fall_back_to_its_op():
 
     g = torch.Generator().manual_seed(1)
