@@ -1,0 +1,234 @@
+"""Scorers a tenant picks by name for its own task: `{"name": "json", "lists": "set"}` and the like.
+
+Each scores one prediction against one reference in [0, 1], with partial credit where it makes sense, and says
+whether it can read a reference at all (checked before a run, so a `json` scorer over plain-text answers is
+refused up front, not scored 0 everywhere). `make_scorer` validates the name and options at the edge and lists
+the valid ones on a mistake.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, ClassVar
+
+from lorafleet.core.errors import UserError
+from lorafleet.core.tasks import f1, normalize_label, parse_json
+
+NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+class ScorerError(UserError, ValueError):
+    """An unknown scorer or option, or a reference the scorer cannot read; the message lists what is valid."""
+
+
+class Scorer:
+    """Subclasses set `name` and `options` (option -> default) and implement `score`."""
+
+    name: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any):
+        for key, value in options.items():
+            if key not in self.options:
+                valid = ", ".join(sorted(self.options)) or "none"
+                raise ScorerError(f"scorer {self.name!r} has no option {key!r}; its options: {valid}")
+            default = self.options[key]
+            if default is not None and not isinstance(value, type(default)):
+                raise ScorerError(f"scorer {self.name!r}: {key} must be a {type(default).__name__}, got {value!r}")
+        self.opts = {**self.options, **options}
+
+    def score(self, prediction: str, reference: str) -> float:
+        raise NotImplementedError
+
+    def reads(self, reference: str) -> bool:
+        """Whether a reference answer is one this scorer can score against."""
+        return True
+
+
+class Exact(Scorer):
+    """1 if the texts are equal, spacing (and by default case) aside."""
+
+    name = "exact"
+    options = {"case_sensitive": False, "collapse_whitespace": True}
+
+    def norm(self, text: str) -> str:
+        text = " ".join(text.split()) if self.opts["collapse_whitespace"] else text.strip()
+        return text if self.opts["case_sensitive"] else text.lower()
+
+    def score(self, prediction: str, reference: str) -> float:
+        return float(self.norm(prediction) == self.norm(reference))
+
+
+class Label(Scorer):
+    """1 if the predicted label is the reference; a label outside `labels` is wrong (and `unknown` says so)."""
+
+    name = "label"
+    options = {"labels": None}
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        labels = self.opts["labels"]
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise ScorerError("scorer 'label' needs labels: a non-empty list of the valid labels")
+        self.labels = {normalize_label(x) for x in labels}
+
+    def unknown(self, prediction: str) -> bool:
+        return normalize_label(prediction) not in self.labels
+
+    def score(self, prediction: str, reference: str) -> float:
+        return float(not self.unknown(prediction) and normalize_label(prediction) == normalize_label(reference))
+
+    def reads(self, reference: str) -> bool:
+        return normalize_label(reference) in self.labels
+
+
+class Json(Scorer):
+    """The first JSON value of the answer: 1 if it equals the reference (key order and spacing aside), else the
+    share of the reference's fields it gets right (objects); lists compare as sets or in order."""
+
+    name = "json"
+    options = {"lists": "ordered"}
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        if self.opts["lists"] not in ("ordered", "set"):
+            raise ScorerError(f"scorer 'json': lists must be 'ordered' or 'set', got {self.opts['lists']!r}")
+
+    def canon(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: self.canon(v) for k, v in value.items()}
+        if isinstance(value, list):
+            items = [self.canon(v) for v in value]
+            return sorted(items, key=repr) if self.opts["lists"] == "set" else items
+        return value
+
+    def parses(self, prediction: str) -> bool:
+        return parse_json(prediction) is not None
+
+    def score(self, prediction: str, reference: str) -> float:
+        got, want = parse_json(prediction), parse_json(reference)
+        if got is None:
+            return 0.0
+        got, want = self.canon(got), self.canon(want)
+        if got == want:
+            return 1.0
+        if isinstance(want, dict) and isinstance(got, dict) and want:
+            return sum(got.get(k) == v for k, v in want.items()) / len(want)
+        return 0.0
+
+    def reads(self, reference: str) -> bool:
+        return parse_json(reference) is not None
+
+
+class Regex(Scorer):
+    """Extract a group with `pattern` from both texts, then compare exactly (case aside unless asked)."""
+
+    name = "regex"
+    options = {"pattern": None, "group": 1, "case_sensitive": False}
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        try:
+            self.rx = re.compile(self.opts["pattern"] or "", 0 if self.opts["case_sensitive"] else re.IGNORECASE)
+        except re.error as e:
+            raise ScorerError(f"scorer 'regex': pattern does not compile: {e}") from None
+        if not self.opts["pattern"] or self.rx.groups < self.opts["group"]:
+            raise ScorerError(f"scorer 'regex' needs a pattern with at least {self.opts['group']} group(s)")
+
+    def extract(self, text: str) -> str | None:
+        m = self.rx.search(text)
+        if m is None:
+            return None
+        found = m.group(self.opts["group"])
+        return found if self.opts["case_sensitive"] else found.lower()
+
+    def score(self, prediction: str, reference: str) -> float:
+        got = self.extract(prediction)
+        return float(got is not None and got == self.extract(reference))
+
+    def reads(self, reference: str) -> bool:
+        return self.extract(reference) is not None
+
+
+class Number(Scorer):
+    """The first number of each text, equal within `abs_tol` or `rel_tol` (thousands separators allowed)."""
+
+    name = "number"
+    options = {"abs_tol": 0.0, "rel_tol": 0.0}
+
+    def __init__(self, **options: Any):
+        options = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in options.items()}
+        super().__init__(**options)
+
+    @staticmethod
+    def first(text: str) -> float | None:
+        m = NUMBER.search(text)
+        try:
+            return float(m.group().replace(",", "")) if m else None
+        except ValueError:
+            return None
+
+    def score(self, prediction: str, reference: str) -> float:
+        got, want = self.first(prediction), self.first(reference)
+        if got is None or want is None:
+            return 0.0
+        return float(math.isclose(got, want, rel_tol=self.opts["rel_tol"], abs_tol=self.opts["abs_tol"]))
+
+    def reads(self, reference: str) -> bool:
+        return self.first(reference) is not None
+
+
+class ItemF1(Scorer):
+    """F1 over the items of list answers (`separator`-split, or a JSON list): partial credit for partial lists."""
+
+    name = "f1"
+    options = {"separator": ",", "case_sensitive": False}
+
+    def items(self, text: str) -> set[str]:
+        value = parse_json(text)
+        parts = value if isinstance(value, list) else text.split(self.opts["separator"])
+        out = {" ".join(str(p).split()) for p in parts}
+        out.discard("")
+        return out if self.opts["case_sensitive"] else {p.lower() for p in out}
+
+    def score(self, prediction: str, reference: str) -> float:
+        return f1(self.items(prediction), self.items(reference))
+
+
+class RougeL(Scorer):
+    """ROUGE-L F-measure over lower-cased word tokens: the longest common subsequence (free-text answers)."""
+
+    name = "rouge_l"
+
+    @staticmethod
+    def tokens(text: str) -> list[str]:
+        return re.findall(r"\w+", text.lower())
+
+    def score(self, prediction: str, reference: str) -> float:
+        p, r = self.tokens(prediction), self.tokens(reference)
+        if not p or not r:
+            return float(p == r)
+        prev = [0] * (len(r) + 1)
+        for a in p:  # LCS by dynamic programming, one row at a time
+            row = [0]
+            for j, b in enumerate(r):
+                row.append(prev[j] + 1 if a == b else max(prev[j + 1], row[j]))
+            prev = row
+        lcs = prev[-1]
+        if lcs == 0:
+            return 0.0
+        precision, recall = lcs / len(p), lcs / len(r)
+        return 2 * precision * recall / (precision + recall)
+
+
+SCORERS: dict[str, type[Scorer]] = {s.name: s for s in (Exact, Label, Json, Regex, Number, ItemF1, RougeL)}
+
+
+def make_scorer(spec: str | dict) -> Scorer:
+    """A scorer from its name, or from {"name": ..., **options}."""
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = spec.pop("name", None)
+    if name not in SCORERS:
+        raise ScorerError(f"unknown scorer {name!r}; valid scorers: {', '.join(SCORERS)}")
+    return SCORERS[name](**spec)
