@@ -71,7 +71,7 @@ def split_item(item: dict) -> tuple[dict | None, dict, str]:
     """(system message or None, user message, reference answer) of a task example."""
     msgs = item["messages"]
     system = msgs[0] if msgs[0]["role"] == "system" else None
-    user = next(m for m in msgs if m["role"] == "user")
+    user = next(m for m in reversed(msgs) if m["role"] == "user")  # the input; earlier turns are context
     reference = next((m["content"] for m in reversed(msgs) if m["role"] == "assistant"), "")
     return system, user, reference
 

@@ -29,11 +29,11 @@ class TrainConfig(Strict):
     # what to train
     name: str = Field("", description="run name; default: the task name or the data file's stem")
     base_model: str = Field("smollm2-135m-instruct", description="lorafleet model id or a local HF folder")
-    task: str = Field("", description="built-in task (train.tasks) that generates the data; or give `data`")
-    n: int = Field(500, gt=0, description="number of training examples generated from `task`")
+    task: str = Field("", description="built-in task name or task file (train.tasks) with the data; or give `data`")
+    n: int = Field(500, gt=0, description="training examples taken from `task` (a task file: at most its train split)")
     data: str = Field("", description="train JSONL (chat messages or prompt/completion); or give `task`")
     eval_data: str = Field("", description="eval JSONL; default: the task's eval split, or `eval_fraction` of `data`")
-    eval_n: int = Field(100, gt=0, description="number of eval examples generated from the task's eval split")
+    eval_n: int = Field(100, gt=0, description="eval examples taken from the task's eval split (for the eval loss)")
     eval_fraction: float = Field(
         0.1, ge=0, lt=1, description="share of `data` held out for eval loss when no `eval_data` is given"
     )
@@ -124,7 +124,7 @@ class TrainConfig(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> TrainConfig:
         if bool(self.task) == bool(self.data):
-            raise ValueError("give exactly one of `task` (a built-in task) or `data` (a JSONL path)")
+            raise ValueError("give exactly one of `task` (a built-in task or a task file) or `data` (a JSONL path)")
         return self
 
     @model_validator(mode="after")
@@ -150,7 +150,11 @@ class TrainConfig(Strict):
 
     @property
     def run_name(self) -> str:
-        return self.name or self.task or Path(self.data).stem
+        if self.name or not self.task:
+            return self.name or Path(self.data).stem
+        from train.tasks import get_task  # a task file names its task; train.tasks does not import this module
+
+        return get_task(self.task).name
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()

@@ -1,4 +1,4 @@
-"""Held-out accuracy of a base model or base + adapter on a built-in task, and the learning curve over data sizes.
+"""Held-out accuracy of a base model or base + adapter on a task, and the learning curve over data sizes.
 
 Generation is plain transformers greedy decoding, batched with left padding, on the task's eval split (entities
 never seen in training). Chat models get the chat template; base models without one get the task's plain-text
@@ -93,7 +93,7 @@ def evaluate_offline(
     Args:
         model_path: base model id or folder; None = the base recorded in the adapter.
         adapter_dir: a PEFT LoRA adapter folder, or None for the base model alone.
-        task: a built-in task name (train.tasks).
+        task: a built-in task name or a task file (train.tasks.get_task).
         mode: zero_shot (system prompt + input) or few_shot (k solved train-split examples first).
         dtype: auto | bfloat16 | float32 for the model during generation.
     """
@@ -120,7 +120,7 @@ def evaluate_offline(
             }
         )
     return {
-        "task": task,
+        "task": t.name,
         "model": str(base),
         "adapter": str(adapter_dir) if adapter_dir else None,
         "mode": mode,
@@ -136,12 +136,18 @@ def evaluate_offline(
 # ---------------------------------------------------------------- learning curve
 
 
-def curve_config(task: str, size: int, out: Path, overrides: dict[str, Any], min_steps: int):
-    """The task's built-in config trained on `size` examples; small sizes still get `min_steps` steps."""
-
+def recipe_path(task: str) -> Path:
+    """A built-in task's own config, else the default recipe every tenant task starts from."""
     path = CONFIGS_DIR / f"{task}.yaml"
-    values = {"task": task, "n": size, "name": f"{task}-n{size}", "output_dir": str(out / f"n{size}"), **overrides}
-    cfg = load_config(path if path.is_file() else None, values)
+    return path if path.is_file() else CONFIGS_DIR / "recipe.yaml"
+
+
+def curve_config(task: str, size: int, out: Path, overrides: dict[str, Any], min_steps: int):
+    """The task's recipe trained on `size` examples; small sizes still get `min_steps` steps."""
+
+    name = get_task(task).name
+    values = {"task": task, "n": size, "name": f"{name}-n{size}", "output_dir": str(out / f"n{size}"), **overrides}
+    cfg = load_config(recipe_path(task), values)
     if not cfg.max_steps:
         cfg.max_steps = max(min_steps, math.ceil(cfg.epochs * size / (cfg.batch_size * cfg.grad_accum)))
     return cfg
@@ -158,7 +164,7 @@ def learning_curve(
     """Train one adapter per training-set size and score each (and the base, size 0) on the same eval split.
     Writes curve.json and curve.png under runs/curve-<task>-<timestamp>/ (or `out_dir`)."""
 
-    out = out_dir or runs_dir() / f"curve-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = out_dir or runs_dir() / f"curve-{get_task(task).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     base_cfg = curve_config(task, max(sizes), out, overrides or {}, min_steps)
     points = [_point(0, None, evaluate_offline(base_cfg.base_model, None, task, n=eval_n))]
@@ -167,7 +173,7 @@ def learning_curve(
         adapter = train(cfg)
         report = json.loads((adapter / "lorafleet_train.json").read_text())
         points.append(_point(size, report, evaluate_offline(cfg.base_model, adapter, task, n=eval_n)))
-    result = {"task": task, "base_model": base_cfg.base_model, "eval_n": eval_n, "points": points}
+    result = {"task": get_task(task).name, "base_model": base_cfg.base_model, "eval_n": eval_n, "points": points}
     (out / "curve.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_curve(result, out / "curve.png")
     result["dir"] = str(out)

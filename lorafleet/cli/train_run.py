@@ -94,9 +94,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="held-out accuracy of a base model or an adapter on a built-in task")
+    p = sub.add_parser("eval", help="held-out accuracy of a base model or an adapter on a task")
     p.add_argument("--adapter", type=Path, default=None, metavar="DIR", help="adapter folder (omit: base alone)")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help="built-in task name, or a task file (task.yaml or its folder)")
     p.add_argument("--base", default=None, help="base model (default: the adapter's recorded base)")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--mode", default="zero_shot", choices=["zero_shot", "few_shot"])
@@ -129,7 +129,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _add_curve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("curve", help="train on growing data sizes and plot held-out accuracy")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help="built-in task name, or a task file (task.yaml or its folder)")
     p.add_argument("--sizes", default="50,100,250,500,1000", help="comma list of training-set sizes")
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--min-steps", type=int, default=20, help="small sizes still train at least this many steps")

@@ -8,14 +8,56 @@ the valid ones on a mistake.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any, ClassVar
 
 from lorafleet.core.errors import UserError
-from lorafleet.core.tasks import f1, normalize_label, parse_json
 
 NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def normalize_label(text: str) -> str:
+    """'  Limitation of Liability.' -> 'limitation_of_liability': case, spacing, quotes and a final period don't count."""
+    text = text.strip().strip("`'\"").strip().rstrip(".").strip().lower()
+    return re.sub(r"[\s\-]+", "_", text)
+
+
+def parse_json(text: str) -> Any | None:
+    """The JSON value a prediction starts with, or None if it is not valid JSON.
+
+    A ```json fence and text after a complete value are tolerated: chat models add both, and the value itself
+    is what we score. A truncated or malformed value is not.
+    """
+    text = text.strip()
+    fence = re.match(r"^```[a-zA-Z]*\s*(.*?)\s*(```|$)", text, re.DOTALL)
+    if fence:
+        text = fence.group(1)
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text)
+    except json.JSONDecodeError:
+        return None
+    return value
+
+
+def f1(predicted: set, reference: set) -> float:
+    """Set F1; two empty sets agree perfectly."""
+    if not predicted and not reference:
+        return 1.0
+    hits = len(predicted & reference)
+    if hits == 0:
+        return 0.0
+    precision, recall = hits / len(predicted), hits / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+STRINGS = {"exact": lambda s: s, "casefold": lambda s: " ".join(s.split()).lower(), "label": normalize_label}
+
+
+def _choice(scorer: str, key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ScorerError(f"scorer {scorer!r}: {key} must be one of {', '.join(valid)}; got {value!r}")
 
 
 class ScorerError(UserError, ValueError):
@@ -40,6 +82,10 @@ class Scorer:
 
     def score(self, prediction: str, reference: str) -> float:
         raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """The name and the options that differ from their defaults: what a task file would say."""
+        return {"name": self.name, **{k: v for k, v in self.opts.items() if v != self.options[k]}}
 
     def reads(self, reference: str) -> bool:
         """Whether a reference answer is one this scorer can score against."""
@@ -84,16 +130,18 @@ class Label(Scorer):
 
 
 class Json(Scorer):
-    """The first JSON value of the answer: 1 if it equals the reference (key order and spacing aside), else the
-    share of the reference's fields it gets right (objects); lists compare as sets or in order."""
+    """The first JSON value of the answer: 1 if it equals the reference (key order and spacing aside), else the mean
+    credit of the reference's fields (objects). `lists: set` compares lists as sets, with F1 credit for a partly
+    right list field; `strings: casefold | label` forgives case and spacing (label: also quotes, a final period)."""
 
     name = "json"
-    options = {"lists": "ordered"}
+    options = {"lists": "ordered", "strings": "exact"}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        if self.opts["lists"] not in ("ordered", "set"):
-            raise ScorerError(f"scorer 'json': lists must be 'ordered' or 'set', got {self.opts['lists']!r}")
+        _choice("json", "lists", self.opts["lists"], ("ordered", "set"))
+        _choice("json", "strings", self.opts["strings"], tuple(STRINGS))
+        self.norm = STRINGS[self.opts["strings"]]
 
     def canon(self, value: Any) -> Any:
         if isinstance(value, dict):
@@ -101,10 +149,17 @@ class Json(Scorer):
         if isinstance(value, list):
             items = [self.canon(v) for v in value]
             return sorted(items, key=repr) if self.opts["lists"] == "set" else items
-        return value
+        return self.norm(value) if isinstance(value, str) else value
 
     def parses(self, prediction: str) -> bool:
         return parse_json(prediction) is not None
+
+    def field(self, got: Any, want: Any) -> float:
+        if got == want:
+            return 1.0
+        if self.opts["lists"] == "set" and isinstance(got, list) and isinstance(want, list):
+            return f1({repr(v) for v in got}, {repr(v) for v in want})
+        return 0.0
 
     def score(self, prediction: str, reference: str) -> float:
         got, want = parse_json(prediction), parse_json(reference)
@@ -114,7 +169,7 @@ class Json(Scorer):
         if got == want:
             return 1.0
         if isinstance(want, dict) and isinstance(got, dict) and want:
-            return sum(got.get(k) == v for k, v in want.items()) / len(want)
+            return sum(self.field(got.get(k), v) for k, v in want.items()) / len(want)
         return 0.0
 
     def reads(self, reference: str) -> bool:
@@ -180,20 +235,44 @@ class Number(Scorer):
 
 
 class ItemF1(Scorer):
-    """F1 over the items of list answers (`separator`-split, or a JSON list): partial credit for partial lists."""
+    """F1 over the items of list answers: a JSON list, or the text split at `separator` (`format: json` scores an
+    answer that is not a JSON list 0). `inner: set` ignores the order inside list items (pairs, triples)."""
 
     name = "f1"
-    options = {"separator": ",", "case_sensitive": False}
+    options = {"separator": ",", "case_sensitive": False, "format": "auto", "inner": "ordered"}
 
-    def items(self, text: str) -> set[str]:
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        _choice("f1", "format", self.opts["format"], ("auto", "json"))
+        _choice("f1", "inner", self.opts["inner"], ("ordered", "set"))
+
+    def text(self, value: Any) -> str:
+        out = " ".join(str(value).split())
+        return out if self.opts["case_sensitive"] else out.lower()
+
+    def item(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            parts = tuple(self.item(v) for v in value)
+            return tuple(sorted(parts, key=repr)) if self.opts["inner"] == "set" else parts
+        return json.dumps(value, sort_keys=True)
+
+    def items(self, text: str) -> set | None:
+        """The answer's items; None when `format: json` and the answer is not a JSON list."""
         value = parse_json(text)
-        parts = value if isinstance(value, list) else text.split(self.opts["separator"])
-        out = {" ".join(str(p).split()) for p in parts}
-        out.discard("")
-        return out if self.opts["case_sensitive"] else {p.lower() for p in out}
+        if isinstance(value, list):
+            return {self.item(v) for v in value} - {""}
+        if self.opts["format"] == "json":
+            return None
+        return {self.text(p) for p in text.split(self.opts["separator"])} - {""}
 
     def score(self, prediction: str, reference: str) -> float:
-        return f1(self.items(prediction), self.items(reference))
+        got, want = self.items(prediction), self.items(reference)
+        return 0.0 if got is None or want is None else f1(got, want)
+
+    def reads(self, reference: str) -> bool:
+        return self.items(reference) is not None
 
 
 class RougeL(Scorer):

@@ -76,7 +76,7 @@ def test_a_reference_the_scorer_cannot_read_is_detected(spec, reference, reads):
     [
         ("bleu", "unknown scorer 'bleu'; valid scorers: exact, label, json, regex, number, f1, rouge_l"),
         ({"name": "exact", "casefold": True}, "has no option 'casefold'; its options: case_sensitive, collapse"),
-        ({"name": "json", "lists": "bag"}, "lists must be 'ordered' or 'set'"),
+        ({"name": "json", "lists": "bag"}, "lists must be one of ordered, set; got 'bag'"),
         ({"name": "label"}, "needs labels"),
         ({"name": "regex", "pattern": "no group"}, "at least 1 group"),
         ({"name": "regex", "pattern": "(unclosed"}, "does not compile"),
@@ -87,3 +87,32 @@ def test_bad_specs_say_what_is_valid(spec, message):
     with pytest.raises(ScorerError, match=None) as e:
         make_scorer(spec)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "spec,prediction,reference,score",
+    [
+        # json, strings forgiven: case and spacing (casefold), also quotes and a final period (label)
+        ({"name": "json", "strings": "casefold"}, '{"a": "Big  Cat"}', '{"a": "big cat"}', 1.0),
+        ({"name": "json"}, '{"a": "Big Cat"}', '{"a": "big cat"}', 0.0),
+        ({"name": "json", "strings": "label"}, '{"v": "Discrepancy."}', '{"v": "discrepancy"}', 1.0),
+        # json, lists as sets: a partly right list field gets its F1 as credit
+        ({"name": "json", "lists": "set"}, '{"v": "x", "r": ["a"]}', '{"v": "x", "r": ["a", "b"]}', (1 + 2 / 3) / 2),
+        ({"name": "json", "lists": "ordered"}, '{"v": "x", "r": ["a"]}', '{"v": "x", "r": ["a", "b"]}', 0.5),
+        # f1 over JSON lists: inner lists as sets, and format json scores a non-list answer 0
+        ({"name": "f1", "inner": "set"}, '[["b", "a"]]', '[["a", "b"]]', 1.0),
+        ({"name": "f1"}, '[["b", "a"]]', '[["a", "b"]]', 0.0),
+        ({"name": "f1", "format": "json"}, "a, b", '["a", "b"]', 0.0),
+        ({"name": "f1"}, "a, b", '["a", "b"]', 1.0),
+        ({"name": "f1", "format": "json"}, "[]", "[]", 1.0),
+    ],
+)
+def test_string_and_list_options(spec, prediction, reference, score):
+    assert make_scorer(spec).score(prediction, reference) == pytest.approx(score)
+
+
+def test_spec_round_trips_the_options_that_differ():
+    s = make_scorer({"name": "json", "lists": "set"})
+    assert s.spec() == {"name": "json", "lists": "set"} and make_scorer(s.spec()).opts == s.opts
+    assert not make_scorer("f1").reads("not a list") is False  # auto format reads plain text lists
+    assert make_scorer({"name": "f1", "format": "json"}).reads("a, b") is False

@@ -28,7 +28,9 @@ def _answers(task: Task, split: str, n: int = 200, seed: int = 0) -> list[str]:
 def test_registry():
     assert sorted(TASKS) == sorted(NAMES)
     assert get_task("drugs") is TASKS["drugs"]
-    with pytest.raises(ValueError, match="unknown task 'nope': known tasks are manifest, contract, drugs"):
+    with pytest.raises(
+        ValueError, match="unknown task 'nope': built-in tasks are manifest, contract, drugs; or give a task file"
+    ):
         get_task("nope")
 
 
@@ -309,21 +311,22 @@ def test_cli_data_writes_three_files(tmp_path, capsys):
         main(["train", "data", "--task", "contract", "--n", "12", "--eval-n", "5", "--seed", "2", "--out", str(out)])
         == 0
     )
-    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "task.json", "train.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "task.yaml", "train.jsonl"]
     task = get_task("contract")
     assert load_jsonl(out / "train.jsonl") == [e["messages"] for e in task.generate(12, "train", 2)]
     assert load_jsonl(out / "eval.jsonl") == [e["messages"] for e in task.generate(5, "eval", 2)]
-    meta = json.loads((out / "task.json").read_text())
-    assert meta["task"] == "contract" and meta["n"] == 12 and meta["seed"] == 2
-    assert meta["counts"] == {"train": 12, "eval": 5}
+    # The folder is a task file: the same examples, scorer and instruction as the built-in task.
+    loaded = get_task(str(out))
+    assert loaded.name == "contract" and loaded.generate(5, "eval", 0) == task.generate(5, "eval", 2)
+    assert loaded.scorer.spec() == task.scorer.spec() and loaded.system_prompt == task.system_prompt
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 1 and "12 train + 5 eval" in printed[0]
+    assert "12 train + 5 eval" in printed[0] and printed[1].startswith(f"task file: {out / 'task.yaml'}")
 
 
 @pytest.mark.parametrize(
     "args,error",
     [
-        (["--task", "sentiment"], "unknown task 'sentiment': known tasks are manifest, contract, drugs"),
+        (["--task", "sentiment"], "unknown task 'sentiment': built-in tasks are manifest, contract, drugs"),
         (["--task", "drugs", "--n", "0"], "--n must be at least 1"),
         (["--task", "drugs", "--eval-n", "-1"], "--eval-n must be at least 1"),
     ],

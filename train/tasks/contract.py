@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import random
 
-from lorafleet.core.tasks import Split, Task, normalize_label
+from lorafleet.core.scorers import make_scorer
+from lorafleet.core.tasks import Checks, GeneratedTask, Split
 
 TEMPLATES = {
     "termination": [
@@ -170,13 +171,17 @@ JURISDICTIONS = {
 CURRENCIES = ["$", "US$", "EUR ", "GBP ", "CHF ", "A$"]
 
 
-class ContractTask(Task):
+class ContractTask(GeneratedTask):
     name = "contract"
     description = "Contract-clause classification into one of ten clause types."
     system_prompt = (
         "You classify contract clauses. Read the clause and reply with exactly one label and nothing else, "
         f"chosen from: {', '.join(LABELS)}."
     )
+    scorer = make_scorer({"name": "label", "labels": LABELS})  # case, spacing, quotes, a final period aside
+    # Clauses of templates without names (and those differing in a number only) repeat across the splits:
+    # measured 7 identical + 13 near-identical of 200 eval inputs at seed 0. The report shows it; allowed here.
+    checks = Checks(max_overlap=0.15)
     pools = {"companies": COMPANIES, "jurisdictions": list(JURISDICTIONS)}
 
     def make_example(self, rng: random.Random, split: Split) -> tuple[str, str]:
@@ -202,10 +207,6 @@ class ContractTask(Task):
         if rng.random() < 0.35:
             text += " " + rng.choice(BOILERPLATE)
         return text.format(**slots), label
-
-    def score(self, prediction: str, reference: str) -> float:
-        """Exact label match, ignoring case, spacing, quotes and a final period."""
-        return float(normalize_label(prediction) == normalize_label(reference))
 
 
 TASK = ContractTask()

@@ -13,7 +13,8 @@ import json
 import random
 import zlib
 
-from lorafleet.core.tasks import Split, Task, f1, parse_json
+from lorafleet.core.scorers import make_scorer
+from lorafleet.core.tasks import GeneratedTask, Split
 
 # A teaching subset of well-known, clinically major interactions; not a clinical reference.
 INTERACTIONS = [
@@ -176,7 +177,7 @@ def _medication_text(rng: random.Random, drugs: list[str]) -> list[str]:
     return sentences
 
 
-class DrugsTask(Task):
+class DrugsTask(GeneratedTask):
     name = "drugs"
     description = "Drug-interaction extraction from a clinical note: JSON list of interacting pairs."
     system_prompt = (
@@ -184,6 +185,8 @@ class DrugsTask(Task):
         "interact. Reply with compact JSON only: a list of pairs of lowercase generic names, each pair sorted "
         'alphabetically and the list sorted, e.g. [["clarithromycin","simvastatin"]], or [] if no pair interacts.'
     )
+    # Pair-level F1, order within and between pairs ignored; an answer that is not a JSON list scores 0.
+    scorer = make_scorer({"name": "f1", "format": "json", "inner": "set"})
     pools = {"patients": PATIENTS, "clinicians": CLINICIANS, "hospitals": HOSPITALS}
 
     def make_example(self, rng: random.Random, split: Split) -> tuple[str, str]:
@@ -216,23 +219,6 @@ class DrugsTask(Task):
         ]
         rng.shuffle(body)
         return header + " " + " ".join(body), answer(pairs_in(drugs))
-
-    def score(self, prediction: str, reference: str) -> float:
-        """Pair-level F1 (order within and between pairs ignored); not a JSON list: 0."""
-        pred = parse_json(prediction)
-        if not isinstance(pred, list):
-            return 0.0
-        return f1(_pair_set(pred), _pair_set(json.loads(reference)))
-
-
-def _pair_set(pairs: list) -> set:
-    out: set = set()
-    for i, pair in enumerate(pairs):
-        if isinstance(pair, list) and len(pair) == 2 and all(isinstance(d, str) for d in pair):
-            out.add(frozenset(d.strip().lower() for d in pair))
-        else:
-            out.add(("malformed", i))  # counts as a wrong pair, so it lowers precision
-    return out
 
 
 def answer(pairs: list[list[str]]) -> str:

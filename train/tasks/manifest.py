@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import random
 
-from lorafleet.core.tasks import Split, Task, f1, normalize_label, parse_json
+from lorafleet.core.scorers import make_scorer
+from lorafleet.core.tasks import GeneratedTask, Split
 
 REASONS = ["port_mismatch", "quantity_mismatch", "seal_mismatch", "undeclared_item", "weight_mismatch"]
 # How many discrepancies an example has: clean manifests are common, as in real inspections.
@@ -238,7 +239,7 @@ def _report(rng: random.Random, m: dict, notes: list[str]) -> str:
     return head + f" {m['inspector']} ({m['date']}): " + "; ".join(notes) + "."
 
 
-class ManifestTask(Task):
+class ManifestTask(GeneratedTask):
     name = "manifest"
     description = "Shipping-manifest discrepancy detection: declared cargo vs arrival inspection, JSON verdict."
     system_prompt = (
@@ -248,6 +249,8 @@ class ManifestTask(Task):
         "quantity_mismatch (a count differs), seal_mismatch (the seal number differs), undeclared_item (an item "
         "found was not declared), weight_mismatch (a weight differs)."
     )
+    # Half for the verdict, half for the F1 of the reason sets; an answer that is not a JSON object scores 0.
+    scorer = make_scorer({"name": "json", "lists": "set", "strings": "label"})
     pools = {
         "companies": COMPANIES,
         "ports": PORTS,
@@ -278,18 +281,6 @@ class ManifestTask(Task):
             "inspector": rng.choice(self.pool("inspectors", split)),
         }
         return _report(rng, m, _notes(rng, reasons, m, products)), answer(reasons)
-
-    def score(self, prediction: str, reference: str) -> float:
-        """Half for the verdict, half for the F1 of the reason sets; a prediction that is not a JSON object: 0."""
-        pred, ref = parse_json(prediction), json.loads(reference)
-        if not isinstance(pred, dict):
-            return 0.0
-        verdict = pred.get("verdict")
-        verdict_ok = isinstance(verdict, str) and normalize_label(verdict) == ref["verdict"]
-        reasons = pred.get("reasons")
-        if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
-            return 0.5 * verdict_ok
-        return 0.5 * verdict_ok + 0.5 * f1({normalize_label(r) for r in reasons}, set(ref["reasons"]))
 
 
 def answer(reasons: list[str]) -> str:
