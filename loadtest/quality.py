@@ -82,7 +82,8 @@ async def run_eval(
             resp, err = await post_json(client, url, headers, body)
             latency = time.perf_counter() - t
         bar.update(1)
-        row = {"index": i, "reference": reference, "prediction": None, "correct": False, "score": 0.0}
+        row = {"index": i, "input": split_item(item)[1]["content"], "reference": reference, "prediction": None,
+               "correct": False, "score": 0.0}  # fmt: skip
         row.update(latency_s=latency, error=err, prompt_tokens=0, completion_tokens=0)
         if resp is None:
             return row

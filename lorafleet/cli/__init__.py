@@ -16,6 +16,7 @@ COMMANDS = [
     ("serve", "lorafleet.cli.serve", "run vLLM engines and the multi-tenant gateway"),
     ("bench", "lorafleet.cli.bench", "load-test, price and score targets"),
     ("demo", "lorafleet.demo.run", "the end-to-end proof: train three tenants, serve, score, price, report"),
+    ("prove", "lorafleet.demo.prove", "the same proof for a tenant's own task file: lorafleet prove TENANT.yaml"),
 ]
 
 

@@ -6,6 +6,7 @@ and says plainly where each claim holds and where it does not.
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,36 @@ def _operating(results: dict, target: str, model: str | None = None) -> dict | N
     return step.get("per_model", {}).get(model) or step if model else step
 
 
-def accuracy_rows(results: dict, tasks: dict[str, str]) -> list[dict[str, Any]]:
+def gain_interval(mine: dict | None, theirs: dict | None, rounds: int = 2000) -> tuple[float, float] | None:
+    """95 % paired-bootstrap interval of the accuracy gain: the same eval items, resampled together."""
+    if not mine or not theirs or not mine.get("items") or len(mine["items"]) != len(theirs.get("items") or []):
+        return None
+    a = {r["index"]: float(r["correct"]) for r in mine["items"]}
+    b = {r["index"]: float(r["correct"]) for r in theirs["items"]}
+    if a.keys() != b.keys():
+        return None
+    diffs = [a[i] - b[i] for i in sorted(a)]
+    rng = random.Random(0)  # the same report for the same results
+    means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(rounds))
+    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
+
+
+def accuracy_rows(results: dict, tasks: dict[str, str], data: dict | None = None) -> list[dict[str, Any]]:
     rows = []
     for tenant, task in tasks.items():
-        lora = _acc(_eval(results, LORA_TARGET, task, "zero_shot"))
-        gen = _acc(_eval(results, GENERALIST_TARGET, task, "few_shot_completion"))
+        lora_q, gen_q = (
+            _eval(results, LORA_TARGET, task, "zero_shot"),
+            _eval(results, GENERALIST_TARGET, task, "few_shot_completion"),
+        )
+        lora, gen = _acc(lora_q), _acc(gen_q)
         rows.append(
             {
                 "tenant": tenant,
                 "task": task,
+                "name": task_label(task),
+                "n": (lora_q or {}).get("n"),
+                "interval": gain_interval(lora_q, gen_q),
+                "majority": ((data or {}).get(task) or {}).get("majority", {}).get("accuracy"),
                 "lora": lora,
                 "small_zero": _acc(_eval(results, BASE_TARGET, task, "zero_shot")),
                 "small_few": _acc(_eval(results, BASE_TARGET, task, "few_shot_chat")),
@@ -78,6 +100,12 @@ def accuracy_rows(results: dict, tasks: dict[str, str]) -> list[dict[str, Any]]:
     return rows
 
 
+def task_label(task: str) -> str:
+    """How the report names a task: a built-in name, or a task file's folder."""
+    path = Path(task)
+    return path.parent.name if path.name in ("task.yaml", "task.yml") else path.stem if path.suffix else path.name
+
+
 def model_label(model: str) -> str:
     """How the report names a model id or a local HF folder (its last path part)."""
     return Path(model).name
@@ -88,17 +116,21 @@ def claims(acc: list[dict], results: dict, training: dict[str, dict], small: str
     out = []
     for r in acc:
         if r["gain"] is None:
-            out.append(f"Accuracy ({r['tenant']}/{r['task']}): not measured.")
+            out.append(f"Accuracy ({r['tenant']}/{r['name']}): not measured.")
             continue
         verdict = "HOLDS" if r["gain"] >= ACCURACY_GAIN else "DOES NOT HOLD"
+        ci = r.get("interval")
+        ci_text = f" (95 % interval {100 * ci[0]:+.0f} to {100 * ci[1]:+.0f}, n={r['n']})" if ci else ""
         out.append(
-            f"Accuracy ({r['tenant']}/{r['task']}): fine-tuned {model_label(small)} {_pct(r['lora'])} vs "
+            f"Accuracy ({r['tenant']}/{r['name']}): fine-tuned {model_label(small)} {_pct(r['lora'])} vs "
             f"{model_label(generalist)} "
-            f"few-shot {_pct(r['generalist_few'])}: {100 * r['gain']:+.0f} points; the claim of at least "
+            f"few-shot {_pct(r['generalist_few'])}: {100 * r['gain']:+.0f} points{ci_text}; the claim of at least "
             f"+{100 * ACCURACY_GAIN:.0f} points {verdict}."
         )
     gen = _cost(results, GENERALIST_TARGET).get("usd_per_1m_output")
     for target, what in ((LORA_TARGET, "LoRA adapters (unmerged)"), ("manifest-merged", "merged adapter")):
+        if target not in results["targets"]:
+            continue  # not served in this run (prove and quick runs have no merged engine)
         mine = _cost(results, target).get("usd_per_1m_output")
         if mine is None or not gen:
             out.append(f"Cost ({what}): not measured.")
@@ -131,16 +163,17 @@ def _lora_shape(training: dict) -> str:
 
 
 def _accuracy_table(acc: list[dict]) -> tuple[list[str], list[list[str]]]:
-    headers = ["tenant", "task", "fine-tuned small", "small zero-shot", "small 3-shot", "generalist 3-shot",
-               "gain vs generalist", "$/1k correct (fine-tuned)", "$/1k correct (generalist)"]  # fmt: skip
+    headers = ["tenant", "task", "fine-tuned small", "small zero-shot", "small k-shot", "generalist k-shot",
+               "majority class", "gain vs generalist", "$/1k correct (fine-tuned)", "$/1k correct (generalist)"]  # fmt: skip
     rows = [
         [
             r["tenant"],
-            r["task"],
+            r["name"],
             _pct(r["lora"]),
             _pct(r["small_zero"]),
             _pct(r["small_few"]),
             _pct(r["generalist_few"]),
+            _pct(r.get("majority")),
             "-" if r["gain"] is None else f"{100 * r['gain']:+.0f} pts",
             _usd(r["lora_per_1k"], 4),
             _usd(r["gen_per_1k"], 4),
@@ -189,7 +222,7 @@ def _training_table(training: dict[str, dict]) -> tuple[list[str], list[list[str
         params, m = t.get("params") or {}, t.get("metrics") or {}
         loss = m.get("final_eval_loss")
         rows.append(
-            [task, str(t["config"]["n"]), f"{t['config'].get('epochs', 1):g}", f"{params.get('trainable', 0):,}", f"{100 * params.get('share', 0):.2f} %",
+            [task_label(task), str(t["config"]["n"]), f"{t['config'].get('epochs', 1):g}", f"{params.get('trainable', 0):,}", f"{100 * params.get('share', 0):.2f} %",
              _s(m.get("train_seconds")), f"{m.get('tokens_per_s') or 0:.0f}", "-" if loss is None else f"{loss:.4f}"]
         )  # fmt: skip
     return headers, rows
@@ -210,6 +243,55 @@ def curve_points(results: dict, training: dict, curve: dict) -> list[tuple[int, 
         points.append((full["config"]["n"], _acc(_eval(results, LORA_TARGET, task, "zero_shot")),
                        (full.get("metrics") or {}).get("train_seconds")))  # fmt: skip
     return [p for p in points if p[1] is not None]
+
+
+def examples_needed(points: list[tuple]) -> str | None:
+    """The curve's claim: the fewest examples reaching 90 % of the final score, and whether it is still rising."""
+    trained = [p for p in points if p[0] > 0]
+    if not trained or trained[-1][1] is None:
+        return None
+    final_n, final = trained[-1][0], trained[-1][1]
+    first = next(n for n, acc, _ in trained if acc >= 0.9 * final)
+    text = f"Examples needed: {first} reach 90 % of the final score ({_pct(final)} at {final_n})."
+    if len(trained) > 1 and final - trained[-2][1] > 0.05:
+        text += (f" The curve is still rising ({_pct(trained[-2][1])} at {trained[-2][0]}): more examples or more "
+                 "epochs would likely score higher.")  # fmt: skip
+    return text
+
+
+WRONG_SHOWN = 3  # wrong answers shown per target and task
+WRONG_TARGETS = ((LORA_TARGET, "zero_shot", "fine-tuned"), (GENERALIST_TARGET, "few_shot_completion", "generalist"))
+
+
+def _cut(text: str | None, n: int = 70) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def wrong_answers(results: dict, tasks: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+    """A few wrong predictions per target beside the reference: how each model fails, not only how often."""
+    rows = []
+    for tenant, task in tasks.items():
+        for target, mode, label in WRONG_TARGETS:
+            wrong = [r for r in (_eval(results, target, task, mode) or {}).get("items", []) if not r["correct"]]
+            for r in wrong[:WRONG_SHOWN]:
+                got = r["prediction"] if r.get("error") is None else f"error: {r['error']}"
+                rows.append([f"{tenant}/{task_label(task)}", label, _cut(r.get("input"), 60), _cut(r["reference"], 40),
+                             _cut(got, 50)])  # fmt: skip
+    return ["tenant/task", "model", "input", "reference", "prediction"], rows
+
+
+def _data_table(tasks: dict[str, str], data: dict) -> tuple[list[str], list[list[str]]]:
+    headers = ["tenant", "task", "train", "eval", "eval inputs also in train", "answers (train)", "majority class"]
+    rows = []
+    for tenant, task in tasks.items():
+        d = data.get(task)
+        if d:
+            maj = d.get("majority") or {}
+            rows.append([tenant, task_label(task), str(d["train_n"]), str(d["eval_n"]),
+                         f"{d['identical']} identical + {d['near']} near ({100 * d['overlap_share']:.1f} %)",
+                         f"{d['distinct']['train']} distinct", f"{_pct(maj.get('accuracy'))} ({_cut(maj.get('answer'), 30)})"])  # fmt: skip
+    return headers, rows
 
 
 def plot_curve(points: list[tuple], path: Path) -> None:
@@ -254,10 +336,18 @@ def plot_accuracy(acc: list[dict], path: Path) -> None:
 
 
 def write_demo_report(
-    run_dir: Path, plan, tasks: dict[str, str], training: dict, curve: dict, results: dict, timings: dict
+    run_dir: Path,
+    plan,
+    tasks: dict[str, str],
+    training: dict,
+    curve: dict,
+    results: dict,
+    timings: dict,
+    data: dict | None = None,
 ) -> str:
-    """The demo's report.md/.html; `tasks` maps each tenant to its task."""
-    acc = accuracy_rows(results, tasks)
+    """The demo's (and a prove run's) report.md/.html; `tasks` maps each tenant to its task, `data` each task to its
+    data report (train.tasks.checks)."""
+    acc = accuracy_rows(results, tasks, data)
     plot_accuracy(acc, run_dir / "accuracy.png")
     bench_dir = Path(results["config"].get("output_dir") or run_dir / "bench")
     plots = [("accuracy.png", "Task accuracy per tenant")]
@@ -273,18 +363,24 @@ def write_demo_report(
 
     small, generalist = model_label(plan.small), model_label(plan.generalist)
     found = claims(acc, results, training, plan.small, plan.generalist)
-    blocks: list[tuple] = [("h1", f"lorafleet demo: fine-tuned {small} specialists vs the {generalist} generalist")]
+    if needed := examples_needed(points):
+        found.append(f"{needed} (learning curve of {task_label(plan.curve_task)})")
+    title = getattr(plan, "title", "lorafleet demo")
+    blocks: list[tuple] = [("h1", f"{title}: fine-tuned {small} specialists vs the {generalist} generalist")]
     price = f"Hardware price for every self-hosted target: ${plan.usd_per_hour}/hour (the whole machine; targets are "
     price += "measured one at a time)." + (" Quick mode: smaller data, shorter load steps." if plan.quick else "")
     blocks.append(("p", price))
     blocks += [("h2", "Claims"), *(("p", "- " + c) for c in found)]
     blocks += [("h2", "Accuracy (held-out split, through the gateway)"), ("table", *_accuracy_table(acc))]
+    blocks += [("h2", "Answers that went wrong (a few per model)"), ("table", *wrong_answers(results, tasks))]
+    if data:
+        blocks += [("h2", "Data checks"), ("table", *_data_table(tasks, data))]
     blocks += [("h2", "Latency and cost at the SLO (goodput)"), ("table", *_cost_table(results, plan.usd_per_hour))]
     blocks += [("h2", "Training"), ("table", *_training_table(training))]
     if len(points) > 1:
         rows = [[str(n), _pct(a), _s(t)] for n, a, t in points]
         blocks += [
-            ("h2", f"Learning curve ({plan.curve_task})"),
+            ("h2", f"Learning curve ({task_label(plan.curve_task)})"),
             ("table", ["examples", "accuracy", "train time"], rows),
         ]
     blocks += [("h2", "Step timings"), ("table", ["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])]
@@ -292,7 +388,7 @@ def write_demo_report(
     blocks.append(("p", f"Raw per-request timings: {bench_dir / 'results.json'}; harness report: "
                         f"{bench_dir / 'report.md'}."))  # fmt: skip
     (run_dir / "report.md").write_text(to_markdown(blocks))
-    (run_dir / "report.html").write_text(to_html(blocks, run_dir, "lorafleet demo"))
+    (run_dir / "report.html").write_text(to_html(blocks, run_dir, title))
     summary = [("h2", "Claims"), *(("p", "- " + c) for c in found)]
     return to_markdown([("table", *_accuracy_table(acc)), ("table", *_cost_table(results, plan.usd_per_hour)),
                         *summary])  # fmt: skip

@@ -1,9 +1,10 @@
-"""`lorafleet demo` (`make demo`): the end-to-end proof, one command.
+"""The proof, one command: `lorafleet demo` (`make demo`, the three built-in tenants) and `lorafleet prove
+TENANT.yaml` (a tenant's own task file, lorafleet.demo.prove) run this same path.
 
-Three tenants each get a LoRA specialist of SmolLM2-135M-Instruct trained on their task; serve puts them beside
-the 2x larger generalist (Gemma-3-270M) behind the gateway; the harness scores every model on each tenant's
-held-out split and load-tests them; the report answers the article's claims with this run's numbers.
-Steps whose inputs did not change are reused (a second run skips training).
+Each tenant gets a LoRA specialist of the small model (SmolLM2-135M-Instruct) trained on its task; serve puts them
+beside the 2x larger generalist (Gemma-3-270M) behind the gateway; the harness scores the specialist, the small base
+zero- and k-shot and the generalist k-shot on each tenant's held-out split and load-tests them; the report answers
+the article's claims with this run's numbers. Steps whose inputs did not change are reused (a rerun skips training).
 """
 
 from __future__ import annotations
@@ -27,26 +28,49 @@ from lorafleet.demo.report import write_demo_report
 from lorafleet.stack import running_stack, write_config
 from serve.config import ServeConfig, parse_config
 from serve.engines.deploy import gpu_count
+from serve.gateway.tenants import hash_key
 from train.config import (
     RUN_ONLY_FIELDS,  # fields that never force a retrain
     load_config,
 )
+from train.evaluate import recipe_path
 from train.models import SPECS, ensure
+from train.tasks import get_task
+from train.tasks.checks import check_task, lines_of
 from train.trainer import train
 
 SMALL, GENERALIST = "smollm2-135m-instruct", "gemma-3-270m"
-# tenant -> (task, demo API key); the keys' hashes are in serve/default.yaml.
-TENANTS = {"acme": ("manifest", "sk-acme-demo"), "globex": ("contract", "sk-globex-demo"),
-           "initech": ("drugs", "sk-initech-demo")}  # fmt: skip
-MERGED_TASK = "manifest"  # the "hot" tenant whose adapter is also served merged into the base weights
+MERGED_TASK = "manifest"  # the demo's "hot" tenant, whose adapter is also served merged into the base weights
+
+
+@dataclass
+class Tenant:
+    name: str
+    task: str  # a built-in task name or a task file (train.tasks.get_task)
+    key: str  # the API key the harness sends for this tenant
+    weight: float = 1.0  # its share of the specialists' load mix
+
+    @property
+    def adapter(self) -> str:
+        """The adapter's name (what the tenant sends as `model`): its task's name."""
+        return get_task(self.task).name
+
+
+# The demo's tenants; their keys' hashes are also in serve/default.yaml.
+DEMO_TENANTS = [Tenant("acme", "manifest", "sk-acme-demo", 0.5), Tenant("globex", "contract", "sk-globex-demo", 0.3),
+                Tenant("initech", "drugs", "sk-initech-demo", 0.2)]  # fmt: skip
+TENANTS = {t.name: (t.task, t.key) for t in DEMO_TENANTS}
 
 
 @dataclass
 class DemoPlan:
     quick: bool = False
-    n_train: int = 500  # the article's rule of thumb: ~500 examples
-    n_eval: int = 60  # held-out items per eval through the API
-    epochs: float | None = None  # None: each task's own config (train/configs/<task>.yaml)
+    tenants: list[Tenant] = field(default_factory=lambda: list(DEMO_TENANTS))
+    title: str = "lorafleet demo"
+    n_train: int = 500  # the article's rule of thumb: ~500 examples (a task file: at most its train split)
+    n_eval: int = 60  # held-out items per eval through the API (a task file: at most its eval split)
+    epochs: float | None = None  # None: each task's own config (train/configs/<task>.yaml or recipe.yaml)
+    recipe: dict = field(default_factory=dict)  # overrides on the recipe, e.g. {"lr": 1e-3}
     usd_per_hour: float = 0.10  # what the 2-vCPU box costs; stated in the report
     # concurrency steps: a low one where unmerged LoRA meets the SLO on CPU, a high one for peak throughput
     load_sweep: list[int] = field(default_factory=lambda: [4, 16])
@@ -58,6 +82,7 @@ class DemoPlan:
     gateway_port: int = 8080
     small: str = SMALL  # model id or local HF folder that gets the adapters
     generalist: str = GENERALIST  # model id or local HF folder prompted few-shot
+    runs_name: str = ""  # the run folder's prefix under runs/ (prove: the tenant's name)
 
     def adapter_folder(self, name: str) -> str:
         """Where under adapters/ an adapter goes; quick runs keep theirs apart so they never replace the full ones."""
@@ -103,17 +128,25 @@ def adapter_key(cfg) -> str:
     return _digest({k: v for k, v in cfg.to_dict().items() if k not in RUN_ONLY_FIELDS})
 
 
+def train_size(task: str, n: int) -> int:
+    """n, or all a task file's train split holds if that is fewer."""
+    t = get_task(task)
+    return min(n, t.size("train")) if hasattr(t, "size") else n
+
+
 def train_adapter(task: str, plan: DemoPlan, log: Path, n: int | None = None, name: str | None = None) -> dict:
     """Train (or reuse) an adapter of `task` on n examples; returns its lorafleet_train.json summary."""
 
-    name = name or task
+    name = name or get_task(task).name
     out = adapters_dir() / plan.adapter_folder(name)
-    overrides = {"task": task, "n": n or plan.n_train, "output_dir": str(out), "name": name, "base_model": plan.small}
+    overrides = {**plan.recipe, "task": task, "n": train_size(task, n or plan.n_train), "output_dir": str(out),
+                 "name": name, "base_model": plan.small}  # fmt: skip
     overrides |= {"eval_every": 0, "save_every": 0}  # the eval loss once at the end; no resume checkpoints
     if plan.epochs is not None:
         overrides["epochs"] = plan.epochs
-    cfg = load_config(Path(__file__).parents[2] / "train" / "configs" / f"{task}.yaml", overrides)
-    key = adapter_key(cfg)
+    cfg = load_config(recipe_path(task), overrides)
+    # The data itself is part of the key: a task file edited in place must retrain, not reuse the old adapter.
+    key = adapter_key(cfg) + _digest(get_task(task).generate(cfg.n, "train", cfg.seed))
     stamp = out / "demo_key.txt"
     if stamp.is_file() and stamp.read_text().strip() == key and (out / "lorafleet_train.json").is_file():
         print(f"    {name}: adapter unchanged since the last run, reusing {out}")
@@ -130,12 +163,12 @@ def served_name(model: str) -> str:
 
 
 def serve_config(plan: DemoPlan) -> ServeConfig:
-    """The embedded default deployment with the plan's models, plus the hot tenant's adapter served merged."""
+    """The embedded default deployment with the plan's models and tenants (each its adapter, the small base and
+    the generalist), plus the hot tenant's adapter served merged."""
     source = Path(__file__).parents[2] / "serve" / "default.yaml"
     cfg = yaml.safe_load(source.read_text())
     cfg["gateway"]["port"] = plan.gateway_port
     small, general = served_name(plan.small), served_name(plan.generalist)
-    renames = {SMALL: small, GENERALIST: general}
     for eng, model in zip(cfg["engines"], (plan.small, plan.generalist), strict=True):
         eng |= {"model": model, "served_name": served_name(model), "price_usd_per_hour": plan.usd_per_hour}
         # On a GPU host the engines split its memory themselves (serve.engines.deploy.place_on_gpus).
@@ -153,13 +186,18 @@ def serve_config(plan: DemoPlan) -> ServeConfig:
         "port": 8003,
     }
     curve = [{"name": curve_name(plan, n), "path": curve_name(plan, n), "base": small} for n in plan.curve_sizes]
-    tenants = [a | {"optional": False, "base": small, "path": folder(a["path"])} for a in cfg["adapters"]]
+    tenants = [{"name": t.adapter, "path": folder(t.adapter), "base": small} for t in plan.tenants]
     cfg["adapters"] = tenants + ([merged] if plan.merged else []) + curve
+    limits = {"rpm": 6000, "tpm": 2000000, "concurrency": 64}
+    cfg["tenants"] = [{"name": t.name, "api_key_hashes": [hash_key(t.key)], "models": [t.adapter, small, general],
+                       "limits": limits} for t in plan.tenants]  # fmt: skip
+    owners = {t.task: t.name for t in plan.tenants}
     for t in cfg["tenants"]:
-        t["models"] = [renames.get(m, m) for m in t["models"]]
-    if plan.merged:
-        next(t for t in cfg["tenants"] if t["name"] == "acme")["models"].append(merged["name"])
-    next(t for t in cfg["tenants"] if t["name"] == "globex")["models"].extend(a["name"] for a in curve)
+        if plan.merged and t["name"] == owners.get(MERGED_TASK):
+            t["models"].append(merged["name"])
+        if t["name"] == owners.get(plan.curve_task):
+            t["models"].extend(a["name"] for a in curve)
+    renames = {SMALL: small, GENERALIST: general}
     cfg["prices"] = {renames.get(m, m): p for m, p in cfg["prices"].items()}
     return parse_config(cfg, f"{source}, as the demo serves it")
 
@@ -167,31 +205,32 @@ def serve_config(plan: DemoPlan) -> ServeConfig:
 def bench_config(plan: DemoPlan, gateway: str, out_dir: Path) -> dict:
     """Every model on each tenant's task (quality), then each target under load (latency, cost)."""
     base = f"{gateway}/v1"
-    keys = {task: key for task, key in TENANTS.values()}
     price = {"usd_per_hour": plan.usd_per_hour}
-    any_key = TENANTS["acme"][1]
+    any_key = plan.tenants[0].key
+    n_eval = min(plan.n_eval, *(eval_size(t.task, plan.n_eval) for t in plan.tenants))
 
     def target(name: str, model: str, api: str = "chat", **extra) -> dict:
         return {"name": name, "base_url": base, "model": model, "api_key": any_key, "api": api, "price": price} | extra
 
+    mix = {t.adapter: t.weight for t in plan.tenants}
     targets = [
-        target(
-            "specialists-lora", "manifest", adapters={"manifest": 0.5, "contract": 0.3, "drugs": 0.2}, model_keys=keys
-        ),  # fmt: skip
+        target("specialists-lora", plan.tenants[0].adapter, adapters=mix, model_keys={t.adapter: t.key for t in plan.tenants}),
         *([target("manifest-merged", f"{MERGED_TASK}-merged")] if plan.merged else []),
         target("small-base", served_name(plan.small)),
         target("generalist", served_name(plan.generalist), api="completions"),
-    ]
+    ]  # fmt: skip
     evals = []
-    for task in keys:
+    for t in plan.tenants:
+        k = get_task(t.task).few_shot_k
         evals += [
-            {"target": "specialists-lora", "model": task, "task": task, "mode": "zero_shot"},
-            {"target": "small-base", "task": task, "mode": "zero_shot"},
-            *([] if plan.quick else [{"target": "small-base", "task": task, "mode": "few_shot_chat", "k": 3}]),
-            {"target": "generalist", "task": task, "mode": "few_shot_completion", "k": 3},
+            {"target": "specialists-lora", "model": t.adapter, "task": t.task, "mode": "zero_shot"},
+            {"target": "small-base", "task": t.task, "mode": "zero_shot"},
+            *([] if plan.quick else [{"target": "small-base", "task": t.task, "mode": "few_shot_chat", "k": k}]),
+            {"target": "generalist", "task": t.task, "mode": "few_shot_completion", "k": k},
         ]
     if plan.merged:
         evals.append({"target": "manifest-merged", "task": MERGED_TASK, "mode": "zero_shot"})
+    tasks = {t.adapter: t.task for t in plan.tenants}
     return {
         "targets": targets,
         "load": {
@@ -205,22 +244,28 @@ def bench_config(plan: DemoPlan, gateway: str, out_dir: Path) -> dict:
         "slo": {"ttft_p90_s": 4.0, "tpot_p90_s": 0.5},
         "prompts": {
             "source": "task",
-            "task": {**{t: t for t in keys}, f"{MERGED_TASK}-merged": MERGED_TASK, "*": "contract"},
+            "task": {**tasks, f"{MERGED_TASK}-merged": MERGED_TASK, "*": plan.tenants[0].task},
             "completion_few_shot_k": 3,
         },  # fmt: skip
-        "quality": {"n": plan.n_eval, "max_tokens": 64, "concurrency": 8, "evals": evals},
+        "quality": {"n": n_eval, "max_tokens": 64, "concurrency": 8, "evals": evals},
         "metrics_port": 0,
         "output_dir": str(out_dir),
     }
 
 
+def eval_size(task: str, n: int) -> int:
+    t = get_task(task)
+    return min(n, t.size("eval")) if hasattr(t, "size") else n
+
+
 def curve_bench_config(plan: DemoPlan, gateway: str, out_dir: Path) -> dict:
     """Quality only: the curve task's adapters trained on fewer examples, on the same eval split."""
     models = [curve_name(plan, n) for n in plan.curve_sizes]
-    target = {"name": "curve", "base_url": f"{gateway}/v1", "model": models[0], "api_key": TENANTS["globex"][1],
+    owner = next(t for t in plan.tenants if t.task == plan.curve_task)
+    target = {"name": "curve", "base_url": f"{gateway}/v1", "model": models[0], "api_key": owner.key,
               "price": {"usd_per_hour": plan.usd_per_hour}}  # fmt: skip
     evals = [{"target": "curve", "model": m, "task": plan.curve_task, "mode": "zero_shot"} for m in models]
-    quality = {"n": plan.n_eval, "max_tokens": 64, "concurrency": 8, "evals": evals}
+    quality = {"n": eval_size(plan.curve_task, plan.n_eval), "max_tokens": 64, "concurrency": 8, "evals": evals}
     return {"targets": [target], "quality": quality, "output_dir": str(out_dir)}
 
 
@@ -237,7 +282,7 @@ def run_bench(cfg: dict, run_dir: Path, log: Path) -> dict:
 
 
 def curve_name(plan: DemoPlan, size: int) -> str:
-    return f"{plan.curve_task}-n{size}"
+    return f"{get_task(plan.curve_task).name}-n{size}"
 
 
 def train_curve(plan: DemoPlan, log: Path) -> dict[int, dict]:
@@ -247,21 +292,36 @@ def train_curve(plan: DemoPlan, log: Path) -> dict[int, dict]:
     return {n: train_adapter(plan.curve_task, plan, log, n=n, name=curve_name(plan, n)) for n in plan.curve_sizes}
 
 
+def check_data(plan: DemoPlan, log: Path) -> dict[str, dict]:
+    """Each tenant's data report (overlap, answer distribution, majority baseline); a problem stops the run here."""
+    reports = {}
+    for t in plan.tenants:
+        task = get_task(t.task)  # a task file is checked as it loads and refused on a problem
+        report = getattr(task, "report", None) or check_task(task, *lines_of(task, plan.n_train, plan.n_eval))
+        print("    " + report.text().replace("\n", "\n    "))
+        with open(log, "a") as f:
+            f.write(report.text() + "\n")
+        reports[t.task] = report.to_dict()
+    return reports
+
+
 def demo(plan: DemoPlan) -> Path:
-    run_dir = runs_dir() / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = runs_dir() / (plan.runs_name + time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
-    steps = Steps(run_dir, total=6)
-    print(f"lorafleet demo{' (quick)' if plan.quick else ''}: writing {run_dir}")
+    steps = Steps(run_dir, total=7)
+    print(f"{plan.title}{' (quick)' if plan.quick else ''}: writing {run_dir}")
+    with steps.step("check data") as log:
+        data = check_data(plan, log)
     with steps.step("models") as log:
         for model in (plan.small, plan.generalist):
             print(f"    {model}: {ensure(model)}")
     training = {}
     with steps.step("train adapters") as log:
-        for tenant, (task, _) in TENANTS.items():
-            print(f"    tenant {tenant}: task {task}, {plan.n_train} examples")
-            training[task] = train_adapter(task, plan, log)
-    with steps.step(f"learning curve ({plan.curve_task})") as log:
+        for t in plan.tenants:
+            print(f"    tenant {t.name}: task {t.adapter}, {train_size(t.task, plan.n_train)} examples")
+            training[t.task] = train_adapter(t.task, plan, log)
+    with steps.step(f"learning curve ({get_task(plan.curve_task).name})") as log:
         curve = train_curve(plan, log)
     served = serve_config(plan)
     write_config(served, run_dir / "serve.yaml")  # what was served, beside the report
@@ -278,8 +338,8 @@ def demo(plan: DemoPlan) -> Path:
             results["curve_quality"] = run_bench(cfg, run_dir, run_dir / "logs" / "bench-curve.log")["quality"]
         steps.timings["bench"] = round(time.time() - t0, 1)
     with steps.step("report") as log:
-        tasks = {tenant: task for tenant, (task, _) in TENANTS.items()}
-        report = write_demo_report(run_dir, plan, tasks, training, curve, results, steps.timings)
+        tasks = {t.name: t.task for t in plan.tenants}
+        report = write_demo_report(run_dir, plan, tasks, training, curve, results, steps.timings, data)
     print(report)
     return run_dir
 
