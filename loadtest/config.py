@@ -125,7 +125,7 @@ class Prompts(Strict):
     source: Literal["synthetic", "task"] = "synthetic"
     input_tokens: int = Field(128, ge=1, description="synthetic: words per prompt (about one token each)")
     task: str | dict[str, str] | None = Field(
-        None, description="source=task: a task name, or model -> task name ('*' for the rest)"
+        None, description="source=task: a task (built-in name or task file), or model -> task ('*' for the rest)"
     )
     completion_few_shot_k: int = Field(3, ge=0, description="examples in prompts sent to `api: completions` targets")
     pool_size: int = Field(256, ge=1, description="distinct prompts drawn per model")
@@ -133,7 +133,7 @@ class Prompts(Strict):
     @model_validator(mode="after")
     def _task_given(self) -> Prompts:
         if self.source == "task" and not self.task:
-            raise ValueError("source 'task' needs `task`: a built-in task name or a map model -> task")
+            raise ValueError("source 'task' needs `task`: a built-in task name, a task file, or a map model -> task")
         return self
 
     def task_for(self, model: str) -> str | None:
@@ -147,7 +147,7 @@ class Prompts(Strict):
 class Eval(Strict):
     target: str
     model: str | None = Field(None, description="model or adapter to ask; default: the target's model")
-    task: str
+    task: str = Field(description="a built-in task name or a task file (task.yaml or its folder)")
     mode: Literal["zero_shot", "few_shot_chat", "few_shot_completion"] = "zero_shot"
     k: int = Field(3, ge=0, description="few-shot examples")
     n: int | None = Field(None, ge=1, description="eval items; default quality.n")

@@ -1,13 +1,13 @@
-"""Task accuracy through the API: a built-in task's eval split, scored with the task's own scorer.
+"""Task accuracy through the API: a task's eval split (built-in or a tenant's task file), scored with its scorer.
 
 Modes: `zero_shot` (chat: system + user), `few_shot_chat` (k worked examples as chat turns before the user
 turn), `few_shot_completion` (a base model without a chat template: /v1/completions on the task's few-shot
 prompt, the answer cut out with `task.extract_answer`). Greedy decoding, so a rerun gives the same answers.
 
-A task (from `train.tasks.get_task(name)`) provides: `generate(n, split, seed)` -> [{"messages": [system,
-user, assistant]}], `correct(prediction, reference) -> bool`, optionally `score(prediction, reference) ->
-float` (partial credit, defaults to correct), `few_shot_messages(k, seed)`, `few_shot_prompt(user, k)`,
-`extract_answer(text)`.
+A task (`train.tasks.get_task(name or task file)`, the lorafleet.core.tasks interface) provides:
+`generate(n, split, seed)` -> [{"messages": [system, user, assistant]}], `correct(prediction, reference) -> bool`,
+optionally `score(prediction, reference) -> float` (partial credit, defaults to correct), `few_shot_messages(k,
+seed)`, `few_shot_prompt(user, k)`, `extract_answer(text)`.
 """
 
 from __future__ import annotations

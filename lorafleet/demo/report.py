@@ -253,7 +253,7 @@ def examples_needed(points: list[tuple]) -> str | None:
     final_n, final = trained[-1][0], trained[-1][1]
     first = next(n for n, acc, _ in trained if acc >= 0.9 * final)
     text = f"Examples needed: {first} reach 90 % of the final score ({_pct(final)} at {final_n})."
-    if len(trained) > 1 and final - trained[-2][1] > 0.05:
+    if len(trained) > 1 and round(final - trained[-2][1], 6) > 0.05:  # more than 5 points on the last step
         text += (f" The curve is still rising ({_pct(trained[-2][1])} at {trained[-2][0]}): more examples or more "
                  "epochs would likely score higher.")  # fmt: skip
     return text

@@ -121,6 +121,8 @@ def read_lines(path: Path, eval_split: bool = False) -> list[Line]:
             problems.append(f"{where}: {e}")
     if problems:
         raise DataError(_listing(f"{len(problems)} bad line(s) in {path}", problems))
+    if not lines:
+        raise DataError(f"{path}: no examples (the file is empty or has only blank lines)")
     return lines
 
 
