@@ -49,6 +49,14 @@ class GatewayConfig(Strict):
     health_interval_s: float = Field(2.0, gt=0, description="how often each engine's /health is polled")
     retry_after_s: int = Field(5, gt=0, description="Retry-After sent with 503 when no engine is up")
     log_dir: str | None = Field(None, description="engine logs; default: runs/serve under the lorafleet home")
+    store_url: str = Field(
+        "memory",
+        description="where run-time state lives: `sqlite` (data/lorafleet.db under the lorafleet home), a "
+        "sqlite:///PATH or postgresql+psycopg://... URL (several gateways and workers share one), or `memory` "
+        "(this process only, gone at exit)",
+    )
+    max_file_bytes: int = Field(50 << 20, gt=0, description="largest file POST /v1/files accepts (413 above)")
+    store_poll_s: float = Field(1.0, gt=0, description="how often the store is read for models others registered")
 
     @field_validator("admin_key_hash", "metrics_key_hash")
     @classmethod

@@ -59,10 +59,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after: int | None = None) -> Path:
+def train(
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> Path:
     """Train one adapter; returns its folder. `stop_after` ends the run after that many steps with a checkpoint,
-    as if interrupted: `resume=true` then continues it to the same weights as an uninterrupted run."""
-    return setup(cfg, log).fit(stop_after)
+    as if interrupted: `resume=true` then continues it to the same weights as an uninterrupted run. `on_step` gets
+    {step, steps, loss, tokens, tokens_per_s} after every optimizer step (the fine-tuning worker's events)."""
+    run = setup(cfg, log)
+    run.on_step = on_step
+    return run.fit(stop_after)
 
 
 def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run:
@@ -95,6 +103,7 @@ class Run:
         self.opt, self.sched = build_optimizer(model, cfg, self.steps)
         self.amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
         self.setup_seconds = 0.0
+        self.on_step: Callable[[dict], None] | None = None
         self._epoch, self._batches = -1, []
 
     def fit(self, stop_after: int | None = None) -> Path:
@@ -171,6 +180,9 @@ class Run:
                 state.train_loss.append([state.step, round(loss, 5)])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{state.tokens / state.train_seconds:.0f}")
+                if self.on_step is not None:
+                    self.on_step({"step": state.step, "steps": self.steps, "loss": round(loss, 5),
+                                  "tokens": state.tokens, "tokens_per_s": round(state.tokens / state.train_seconds, 1)})  # fmt: skip
                 self.eval_and_save(state, bar)
         except KeyboardInterrupt:
             if self.cfg.save_every:

@@ -14,6 +14,7 @@ COMMANDS = [
     ("models", "lorafleet.cli.models", "import and list the pretrained base models"),
     ("train", "lorafleet.cli.train", "make data, fine-tune LoRA adapters, validate and evaluate them"),
     ("serve", "lorafleet.cli.serve", "run vLLM engines and the multi-tenant gateway"),
+    ("worker", "lorafleet.worker", "run the tenants' fine-tuning jobs (the OpenAI fine-tuning API)"),
     ("bench", "lorafleet.cli.bench", "load-test, price and score targets"),
     ("demo", "lorafleet.demo.run", "the end-to-end proof: train three tenants, serve, score, price, report"),
     ("prove", "lorafleet.demo.prove", "the same proof for a tenant's own task file: lorafleet prove TENANT.yaml"),

@@ -1,6 +1,6 @@
 """`lorafleet serve`: run the engines and the gateway, check a config, hash a key, benchmark the gateway.
 
-lorafleet serve [CONFIG] [--host H] [--port P] [--no-engines] [--engines smollm2,gemma]
+lorafleet serve [CONFIG] [--host H] [--port P] [--no-engines] [--engines smollm2,gemma] [--no-worker]
 lorafleet serve check [CONFIG]
 lorafleet serve hash-key KEY
 lorafleet serve bench [--help]
@@ -13,10 +13,12 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 
 from lorafleet.benches import gateway as bench
 from lorafleet.benches import soak
 from lorafleet.core.errors import UserError
+from lorafleet.worker import Worker
 from serve.config import load_config
 from serve.engines.deploy import configured_adapters, engine_specs, log_dir
 from serve.engines.supervisor import Supervisor
@@ -36,6 +38,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="gateway port (default: the config's gateway.port)")
     p.add_argument("--no-engines", action="store_true", help="start no engine: they already run on their ports")
     p.add_argument("--engines", help="comma-separated engine names to start (default: all); others get 503")
+    p.add_argument(
+        "--no-worker", action="store_true", help="run no fine-tuning worker here (lorafleet worker elsewhere)"
+    )
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -64,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
         if getattr(more, key) is not None:
             setattr(args, key, getattr(more, key))
     args.no_engines = args.no_engines or more.no_engines
+    args.no_worker = args.no_worker or more.no_worker
     return _serve(more.config, args)
 
 
@@ -93,6 +99,14 @@ def _check(argv: list[str]) -> int:
     return 0
 
 
+def start_worker(store, cfg) -> Worker:
+    """The fine-tuning worker beside the gateway, on the gateway's own store (so `memory` works too)."""
+    worker = Worker(store, cfg)
+    threading.Thread(target=worker.run_forever, daemon=True, name="lorafleet-worker").start()
+    print(f"==> fine-tuning worker {worker.name} on {store.url}", flush=True)
+    return worker
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -112,7 +126,7 @@ def _serve(config: str | None, args: argparse.Namespace) -> int:
         if unknown:
             raise UserError(f"--engines: unknown {sorted(unknown)}; this config runs {sorted(specs)}")
         specs = {n: s for n, s in specs.items() if n in wanted}
-    supervisor = Supervisor(specs, log_dir(cfg))
+    supervisor, worker = Supervisor(specs, log_dir(cfg)), None
     # Engines run in their own process groups: a SIGTERM during start-up must still reach `finally` below.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -121,9 +135,12 @@ def _serve(config: str | None, args: argparse.Namespace) -> int:
         for name, seconds in supervisor.start_all().items():
             print(f"==> engine {name} ready in {seconds:.0f} s; its vLLM metrics: {specs[name].url}/metrics")
         app = create_app(cfg, adapters, supervisor)
+        worker = None if args.no_worker else start_worker(app.state.gateway.store, cfg)
         print(f"==> gateway on http://{host}:{port}/v1 (metrics: /metrics); Ctrl-C stops everything", flush=True)
         uvicorn.Server(uvicorn_config(app, host, port)).run()
     finally:
+        if worker is not None:
+            worker.stop.set()
         supervisor.stop_all()
     return 0
 

@@ -21,3 +21,8 @@ def adapters_dir() -> Path:
 
 def runs_dir() -> Path:
     return home() / "runs"
+
+
+def data_dir() -> Path:
+    """The state store's SQLite file and uploaded files (serve.store)."""
+    return home() / "data"

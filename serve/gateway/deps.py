@@ -21,6 +21,7 @@ from serve.gateway.protocol import unauthorized
 from serve.gateway.proxy import Proxy
 from serve.gateway.registry import Registry
 from serve.gateway.tenants import Tenant, TenantStore, bearer_key
+from serve.store.store import Store
 
 if TYPE_CHECKING:
     from serve.gateway.gateway import Gateway
@@ -54,6 +55,14 @@ async def get_limiter(request: Request) -> Limiter:
 
 async def get_metrics(request: Request) -> Metrics:
     return _gateway(request).metrics
+
+
+async def get_store(request: Request) -> Store:
+    return _gateway(request).store
+
+
+async def get_data_dir(request: Request) -> Path:
+    return _gateway(request).data
 
 
 async def get_client(request: Request) -> httpx.AsyncClient:
@@ -97,6 +106,8 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ClientDep = Annotated[httpx.AsyncClient, Depends(get_client)]
 AdaptersRootDep = Annotated[Path, Depends(get_adapters_root)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+StoreDep = Annotated[Store, Depends(get_store)]
+DataDirDep = Annotated[Path, Depends(get_data_dir)]
 AdminDep = Depends(require_admin)
 MetricsKeyDep = Depends(require_metrics_key)
 OperatorDep = Annotated[bool, Depends(get_is_operator)]

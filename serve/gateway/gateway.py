@@ -7,10 +7,12 @@ dependencies in deps.py, so no module below it needs to import it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import httpx
 
+from lorafleet.core.paths import data_dir
 from serve.config import ServeConfig
 from serve.engines.deploy import adapters_root, configured_adapters
 from serve.engines.supervisor import Supervisor
@@ -18,7 +20,11 @@ from serve.gateway.limits import Limiter
 from serve.gateway.metrics import Metrics
 from serve.gateway.proxy import Proxy
 from serve.gateway.registry import Registry
-from serve.gateway.tenants import TenantStore
+from serve.gateway.tenants import TenantStore, Usage
+from serve.store.schema import VersionRow
+from serve.store.store import NANO, Store
+
+log = logging.getLogger("lorafleet.serve")
 
 
 class Gateway:
@@ -44,11 +50,78 @@ class Gateway:
             get_client=self.http_client,
         )
         self.supervisor = supervisor
+        self.data = data_dir()
+        self.store = Store.open(cfg.gateway.store_url, self.data)
+        self._restore()
         self.client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task] = []
         for name in self.tenants.tenants:  # every tenant has its series from the start, at 0
             self.metrics.inflight.labels(name).set(0)
         self.refresh_gauges()
+
+    # -- state in the store
+
+    def _restore(self) -> None:
+        """Seed the store with the config's tenants, then take back what it holds: grants, usage, models."""
+        self.store.seed_tenants([{"name": t.name, "key_hashes": t.api_key_hashes, "models": t.models}
+                                 for t in self.cfg.tenants])  # fmt: skip
+        for name, models in self.store.tenant_models().items():
+            if name in self.tenants.tenants:
+                self.tenants.tenants[name].models |= set(models)
+        totals = self.store.usage_totals()
+        self._flushed: dict[str, tuple[int, int, int, int]] = {}
+        for name, t in self.tenants.tenants.items():
+            u = totals.get(name)
+            if u:
+                t.usage = Usage(u["requests"], u["prompt_tokens"], u["completion_tokens"], u["cost_nano_usd"] / NANO)
+            self._flushed[name] = self._usage_key(t.usage)
+        self.sync_models()
+
+    @staticmethod
+    def _usage_key(u: Usage) -> tuple[int, int, int, int]:
+        return (u.requests, u.prompt_tokens, u.completion_tokens, round(u.cost_usd * NANO))
+
+    def flush_usage(self) -> None:
+        """Append what each tenant used since the last flush to the ledger; its sum is always the running total."""
+        rows = []
+        for name, t in self.tenants.tenants.items():
+            now, before = self._usage_key(t.usage), self._flushed[name]
+            if now != before:
+                d = [a - b for a, b in zip(now, before, strict=True)]
+                rows.append({"tenant": name, "model": "*", "requests": d[0], "prompt_tokens": d[1],
+                             "completion_tokens": d[2], "cost_nano_usd": d[3]})  # fmt: skip
+                self._flushed[name] = now
+        self.store.record_usage(rows)
+
+    def sync_models(self) -> None:
+        self.add_models(self.new_models())
+
+    def new_models(self) -> list[tuple[str, VersionRow, list[str]]]:
+        """The models registered in the store (by a worker, or another gateway) that this one does not serve yet:
+        (name, version, tenants). Reads only, so it may run off the event loop."""
+        out = []
+        for alias in self.store.aliases():
+            if self.registry.resolve(alias.name) is not None or len(alias.targets) != 1:
+                continue
+            version = self.store.version(alias.targets[0]["version"])
+            if version is not None and self.cfg.engine_for(version.base) is not None:
+                out.append((alias.name, version, alias.tenants))
+        return out
+
+    def add_models(self, models: list[tuple[str, VersionRow, list[str]]]) -> None:
+        for name, version, tenants in models:
+            self.registry.add_adapter(name, Path(version.path), version.base)
+            self.tenants.grant(name, [t for t in tenants if t in self.tenants.tenants])
+            log.info("serving %s (version %s) from the store", name, version.id)
+
+    async def _store_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.flush_usage)
+                self.add_models(await asyncio.to_thread(self.new_models))  # registry changes on the loop only
+            except Exception:  # a database hiccup must not end the loop; the next round retries
+                log.exception("store sync failed")
 
     def http_client(self) -> httpx.AsyncClient:
         # An httpx client binds to the event loop it first runs in: it can only be made in `start`.
@@ -67,6 +140,7 @@ class Gateway:
         self.registry.client = self.client
         await self.registry.check_health(timeout=g.connect_timeout_s)
         self._tasks.append(asyncio.create_task(self.registry.health_loop(g.health_interval_s, g.connect_timeout_s)))
+        self._tasks.append(asyncio.create_task(self._store_loop(g.store_poll_s)))
         if self.supervisor is not None:
             self.supervisor.on_restart = self.registry.replica_restarted
             self.supervisor.on_down = self._engine_down
@@ -81,6 +155,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.flush_usage()  # nothing metered is lost at shutdown
         if self.client is not None:
             await self.client.aclose()
 

@@ -4,20 +4,25 @@ The two completion routes, the hot path, fetch the proxy with a plain call inste
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from serve.gateway import admin
+from serve.gateway import admin, finetune
 from serve.gateway.deps import (
     AdaptersRootDep,
     AdminDep,
     ClientDep,
     ConfigDep,
+    DataDirDep,
     LimiterDep,
     MetricsDep,
     MetricsKeyDep,
     OperatorDep,
     RegistryDep,
+    StoreDep,
     TenantDep,
     TenantsDep,
     proxy_of,
@@ -114,6 +119,81 @@ async def delete_adapter(name: str, registry: RegistryDep, tenants: TenantsDep) 
 @admin_router.get("/tenants")
 async def tenants(store: TenantsDep, limiter: LimiterDep) -> JSONResponse:
     return JSONResponse(admin.tenants_report(store, limiter))
+
+
+# -- the OpenAI Files and fine-tuning API (serve/gateway/finetune.py); the store's I/O runs off the event loop
+
+
+@router.post("/v1/files")
+async def upload_file(request: Request, tenant: TenantDep, store: StoreDep, data: DataDirDep, cfg: ConfigDep) -> dict:
+    cap = cfg.gateway.max_file_bytes
+    try:
+        form = await request.form(max_files=1, max_fields=8, max_part_size=cap + 1)
+    except Exception as e:  # not multipart, or a part over the cap
+        raise ApiError(400, f"expected multipart/form-data with `file` and `purpose`: {e}", param="file") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "file: missing; send the JSONL as the multipart field `file`", param="file")
+    raw = await upload.read(cap + 1)
+    return await run_in_threadpool(finetune.upload, store, data / "files", tenant.name, form.get("purpose"),
+                                   upload.filename or "upload.jsonl", raw, cap)  # fmt: skip
+
+
+@router.get("/v1/files")
+async def list_files(tenant: TenantDep, store: StoreDep, purpose: str | None = None) -> dict:
+    rows = await run_in_threadpool(store.files, tenant.name, purpose)
+    return {"object": "list", "data": [finetune.file_object(r) for r in rows], "has_more": False}
+
+
+@router.get("/v1/files/{file_id}")
+async def get_file(file_id: str, tenant: TenantDep, store: StoreDep) -> dict:
+    return finetune.file_object(await run_in_threadpool(finetune.own_file, store, file_id, tenant.name))
+
+
+@router.get("/v1/files/{file_id}/content")
+async def file_content(file_id: str, tenant: TenantDep, store: StoreDep) -> Response:
+    row = await run_in_threadpool(finetune.own_file, store, file_id, tenant.name)
+    return Response(await run_in_threadpool(Path(row.path).read_bytes), media_type="application/octet-stream")
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(file_id: str, tenant: TenantDep, store: StoreDep) -> dict:
+    if not await run_in_threadpool(store.delete_file, file_id, tenant.name):
+        raise finetune.not_found("file", file_id)
+    return {"object": "file", "id": file_id, "deleted": True}
+
+
+@router.post("/v1/fine_tuning/jobs")
+async def create_fine_tuning_job(request: Request, tenant: TenantDep, store: StoreDep, cfg: ConfigDep) -> dict:
+    req = finetune.parse_job(await request.body())
+    return await run_in_threadpool(lambda: finetune.create_job(req, store=store, cfg=cfg, tenant=tenant.name))
+
+
+@router.get("/v1/fine_tuning/jobs")
+async def list_fine_tuning_jobs(tenant: TenantDep, store: StoreDep, after: str | None = None, limit: int = 20) -> dict:
+    return await run_in_threadpool(finetune.list_jobs, store, tenant.name, after, limit)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+async def get_fine_tuning_job(job_id: str, tenant: TenantDep, store: StoreDep) -> dict:
+    return finetune.job_object(await run_in_threadpool(finetune.own_job, store, job_id, tenant.name))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+async def cancel_fine_tuning_job(job_id: str, tenant: TenantDep, store: StoreDep) -> dict:
+    return await run_in_threadpool(finetune.cancel, store, job_id, tenant.name)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+async def list_fine_tuning_events(
+    job_id: str, tenant: TenantDep, store: StoreDep, after: str | None = None, limit: int = 20
+) -> dict:
+    return await run_in_threadpool(finetune.list_events, store, job_id, tenant.name, after, limit)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+async def list_fine_tuning_checkpoints(job_id: str, tenant: TenantDep, store: StoreDep) -> dict:
+    return await run_in_threadpool(finetune.list_checkpoints, store, job_id, tenant.name)
 
 
 router.include_router(admin_router)  # after its routes: including copies the routes defined so far

@@ -20,6 +20,7 @@ from alembic.config import Config
 from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
 
 from serve.store.schema import (
     AliasHistoryRow,
@@ -76,7 +77,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
 class Store:
     def __init__(self, url: str):
         self.url = url
-        if url.startswith("sqlite"):
+        if url == "memory":  # one connection shared by every thread: the database lives as long as the process
+            self.engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        elif url.startswith("sqlite"):
             self.engine = create_engine(url, connect_args={"check_same_thread": False})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
@@ -85,9 +89,12 @@ class Store:
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
-    def in_folder(cls, folder: Path) -> Store:
-        folder.mkdir(parents=True, exist_ok=True)
-        return cls(f"sqlite:///{folder / 'lorafleet.db'}")
+    def open(cls, url: str, data: Path) -> Store:
+        """`sqlite` means data/lorafleet.db; any other value is a SQLAlchemy URL (or `memory`)."""
+        if url == "sqlite":
+            data.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{data / 'lorafleet.db'}"
+        return cls(url)
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -337,7 +344,7 @@ class Store:
             for r in rows:
                 s.add(UsageRow(tenant=r["tenant"], model=r["model"], version=r.get("version"), requests=r["requests"],
                                prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],
-                               cost_nano_usd=round(r["cost_usd"] * NANO)))  # fmt: skip
+                               cost_nano_usd=r["cost_nano_usd"] if "cost_nano_usd" in r else round(r["cost_usd"] * NANO)))  # fmt: skip
 
     def usage_totals(self) -> dict[str, dict[str, Any]]:
         """Per tenant: requests, prompt and completion tokens and $ summed over the whole ledger."""

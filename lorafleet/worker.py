@@ -1,0 +1,245 @@
+"""`lorafleet worker`: runs the tenants' fine-tuning jobs (the OpenAI fine-tuning API, serve/gateway/finetune.py).
+
+It claims queued jobs from the store (atomically, so several workers on one PostgreSQL each run a job once), trains
+in a child process (so a cancel stops it within a heartbeat, about a second), turns the trainer's steps into job
+events and its checkpoints into job checkpoints, scores the result against the base model on the validation
+file with the tenant's scorer, and registers it as a new adapter version, granted only to that tenant, under the
+job's `ft:` name. A job whose worker died is taken up again once, then failed with a clear error: never left
+`running`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorafleet.core.paths import data_dir
+from serve.config import ServeConfig, load_config
+from serve.engines.deploy import adapters_root
+from serve.gateway.finetune import fine_tuned_name
+from serve.store.schema import JobRow
+from serve.store.store import Store
+from train.config import CONFIGS_DIR
+
+HEARTBEAT_S = 1.0
+STALE_S = 30.0  # a running job whose heartbeat is older than this lost its worker
+MAX_ATTEMPTS = 2
+STEP_EVENTS = 20  # about this many step events per job, whatever its length
+
+
+class Cancelled(Exception):
+    pass
+
+
+class JobFailed(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.error = {"code": code, "message": message, "param": param}
+
+
+def train_config(job: JobRow, store: Store, cfg: ServeConfig, out: Path) -> dict[str, Any]:
+    """The default recipe with the job's hyperparameters ("auto" keeps the recipe's value)."""
+    recipe = yaml.safe_load((CONFIGS_DIR / "recipe.yaml").read_text())
+    h = job.hyperparameters or {}
+    values: dict[str, Any] = {**recipe, "base_model": cfg.engine_for(job.model).model, "seed": job.seed,
+                              "data": store.file(job.training_file, job.tenant).path, "output_dir": str(out),
+                              "name": job.id, "progress": False, "eval_every": 0}  # fmt: skip
+    values.pop("n", None)
+    values.pop("eval_n", None)
+    if job.validation_file:
+        values["eval_data"] = store.file(job.validation_file, job.tenant).path
+    if h.get("n_epochs", "auto") != "auto":
+        values["epochs"] = h["n_epochs"]
+    if h.get("batch_size", "auto") != "auto":
+        values["batch_size"] = h["batch_size"]
+    if h.get("learning_rate_multiplier", "auto") != "auto":
+        values["lr"] = recipe["lr"] * h["learning_rate_multiplier"]
+    return values
+
+
+class Worker:
+    def __init__(self, store: Store, cfg: ServeConfig, name: str | None = None, poll_s: float = 1.0):
+        self.store, self.cfg, self.poll_s = store, cfg, poll_s
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.root = adapters_root(cfg) / "ft"
+        self.stop = threading.Event()
+
+    def run_forever(self) -> None:
+        while not self.stop.is_set():
+            self.reap()
+            job = self.store.claim_job(self.name)
+            if job is None:
+                self.stop.wait(self.poll_s)
+                continue
+            self.run(job)
+
+    def reap(self) -> None:
+        """Jobs left `running` by a worker that died: queue them again once, then fail them."""
+        for job in self.store.stale_jobs(STALE_S):
+            if job.attempts < MAX_ATTEMPTS and not job.cancel_requested:
+                self.store.update_job(job.id, status="queued", worker=None)
+                self.store.event(job.id, f"Worker {job.worker} stopped responding; the job was queued again",
+                                 level="warn")  # fmt: skip
+            else:
+                msg = f"the worker running this job stopped responding {job.attempts} time(s); not retried"
+                self.store.update_job(job.id, status="failed", error={"code": "worker_lost", "message": msg,
+                                                                      "param": None})  # fmt: skip
+                self.store.event(job.id, msg, level="error")
+
+    def run(self, job: JobRow) -> None:
+        out = self.root / job.id
+        try:
+            report = self.train(job, out)
+            self.finish(job, out, report)
+        except Cancelled:
+            self.store.update_job(job.id, status="cancelled")
+            self.store.event(job.id, "Fine-tuning job cancelled")
+        except JobFailed as e:
+            self.store.update_job(job.id, status="failed", error=e.error)
+            self.store.event(job.id, f"Fine-tuning job failed: {e}", level="error")
+        except Exception as e:  # anything else is our bug, still reported on the job, never left running
+            err = {"code": "internal_error", "message": f"{type(e).__name__}: {e}", "param": None}
+            self.store.update_job(job.id, status="failed", error=err)
+            self.store.event(job.id, f"Fine-tuning job failed: {err['message']}", level="error")
+
+    # -- training, in a child process
+
+    def train(self, job: JobRow, out: Path) -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        spec = out.parent / f"{job.id}.train.json"
+        spec.write_text(json.dumps(train_config(job, self.store, self.cfg, out)))
+        cmd = [sys.executable, "-m", "lorafleet.worker", "_train", str(spec)]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=self._read, args=(job, proc, lines), daemon=True)
+        reader.start()
+        while proc.poll() is None:
+            if not self.store.heartbeat(job.id) or self.stop.is_set():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise Cancelled()
+            time.sleep(HEARTBEAT_S)
+        reader.join(timeout=5)
+        if proc.returncode != 0:
+            tail = " | ".join(line for line in lines[-6:] if line.strip())
+            raise JobFailed("training_failed", f"the trainer exited with code {proc.returncode}: {tail}")
+        return json.loads((out / "lorafleet_train.json").read_text())
+
+    def _read(self, job: JobRow, proc: subprocess.Popen, lines: list[str]) -> None:
+        every = None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if not line.startswith("@step "):
+                continue
+            step = json.loads(line[6:])
+            every = every or max(1, step["steps"] // STEP_EVENTS)
+            if step["step"] % every == 0 or step["step"] == step["steps"]:
+                self.store.event(job.id, f"Step {step['step']}/{step['steps']}: training loss={step['loss']:.4f}",
+                                 data=step)  # fmt: skip
+
+    # -- evaluation and registration
+
+    def finish(self, job: JobRow, out: Path, report: dict) -> None:
+        name = fine_tuned_name(job)
+        result: dict[str, Any] = {"trained_tokens": report["metrics"]["tokens"], "steps": report["metrics"]["steps"],
+                                  "final_train_loss": report["metrics"]["final_train_loss"]}  # fmt: skip
+        if job.validation_file:
+            self.store.event(job.id, "Evaluating on the validation file against the base model")
+            result |= self.evaluate(job, out)
+            self.store.event(job.id, f"Validation accuracy {result['accuracy']:.1%} vs base {result['base_accuracy']:.1%}"
+                             f" (n={result['n']})", data={k: result[k] for k in ("accuracy", "base_accuracy", "n")})  # fmt: skip
+        self.store.add_checkpoint(job.id, result["steps"], out, {"step": result["steps"],
+                                                                 "train_loss": result["final_train_loss"]})  # fmt: skip
+        version = self.store.add_version(name, out, job.model, owner=job.tenant, source=job.id, meta=result)
+        self.store.set_alias(name, [{"version": version.id, "weight": 1.0}], [job.tenant])
+        self.store.grant(name, [job.tenant])
+        data = json.dumps(result, indent=2).encode()
+        results = self.store.add_file(job.tenant, "fine-tune-results", f"{job.id}-results.json", data,
+                                      data_dir() / "files" / job.tenant, 1)  # fmt: skip
+        self.store.update_job(job.id, status="succeeded", fine_tuned_model=name, trained_tokens=result["trained_tokens"],
+                              result_files=[results.id])  # fmt: skip
+        self.store.event(job.id, f"New fine-tuned model created: {name}")
+        self.promote(job, version.id, result)
+        self.store.event(job.id, "The job has successfully completed")
+
+    def evaluate(self, job: JobRow, out: Path) -> dict:
+        """Accuracy of the adapter and of the base on the validation file, scored by the job's scorer."""
+        from train.evaluate import evaluate_offline
+
+        task_dir = out.parent / f"{job.id}-task"
+        task_dir.mkdir(exist_ok=True)
+        spec = {"name": job.id, "train": self.store.file(job.training_file, job.tenant).path,
+                "eval": self.store.file(job.validation_file, job.tenant).path, "scorer": job.extra.get("scorer", "exact"),
+                "few_shot_k": 0, "checks": {"max_overlap": 1.0, "min_train": 1}}  # fmt: skip
+        (task_dir / "task.yaml").write_text(yaml.safe_dump(spec))
+        base = self.cfg.engine_for(job.model).model
+        mine = evaluate_offline(base, out, str(task_dir / "task.yaml"), n=200)
+        theirs = evaluate_offline(base, None, str(task_dir / "task.yaml"), n=200)
+        return {"accuracy": mine["accuracy"], "base_accuracy": theirs["accuracy"], "n": mine["n"],
+                "gain": mine["accuracy"] - theirs["accuracy"]}  # fmt: skip
+
+    def promote(self, job: JobRow, version: str, result: dict) -> None:
+        gate = (job.extra or {}).get("promote_if")
+        if not gate:
+            return
+        gain = result.get("gain")
+        if gain is None:
+            self.store.event(job.id, f"Not promoted to {gate['alias']!r}: no validation file to judge it on",
+                             level="warn")  # fmt: skip
+        elif gain >= gate["min_gain"]:
+            self.store.set_alias(gate["alias"], [{"version": version, "weight": 1.0}], [job.tenant])
+            self.store.grant(gate["alias"], [job.tenant])
+            self.store.event(job.id, f"Promoted: alias {gate['alias']!r} now serves this model (gain {gain:+.1%} >= "
+                             f"{gate['min_gain']:+.1%})")  # fmt: skip
+        else:
+            self.store.event(job.id, f"Not promoted to {gate['alias']!r}: gain {gain:+.1%} over the base is below the "
+                             f"required {gate['min_gain']:+.1%}", level="warn")  # fmt: skip
+
+
+def _train_child(spec: Path) -> int:
+    """The child process: one training run, each step reported as an `@step {json}` line."""
+    from train.config import load_config as load_train_config
+    from train.trainer import train
+
+    cfg = load_train_config(None, json.loads(spec.read_text()))
+    train(cfg, log=lambda m: print(m, flush=True), on_step=lambda s: print("@step " + json.dumps(s), flush=True))
+    return 0
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, help="serve YAML (default: the embedded serve/default.yaml)")
+    p.add_argument("--store", default=None, help="store URL (default: the config's gateway.store_url)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    store = Store.open(args.store or cfg.gateway.store_url, data_dir())
+    worker = Worker(store, cfg)
+    print(f"lorafleet worker {worker.name}: waiting for fine-tuning jobs in {store.url}", flush=True)
+    try:
+        worker.run_forever()
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "_train":
+        sys.exit(_train_child(Path(sys.argv[2])))
+    sys.exit("usage: lorafleet worker [CONFIG]")
