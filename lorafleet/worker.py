@@ -66,7 +66,19 @@ def train_config(job: JobRow, store: Store, cfg: ServeConfig, out: Path) -> dict
         values["batch_size"] = h["batch_size"]
     if h.get("learning_rate_multiplier", "auto") != "auto":
         values["lr"] = recipe["lr"] * h["learning_rate_multiplier"]
+    layers = _layers(values["base_model"])
+    if layers and values.get("top_layers", 0) > layers:  # the recipe's "top 15" is half of SmolLM2; keep half of any
+        values["top_layers"] = max(1, layers // 2)
     return values
+
+
+def _layers(model: str) -> int | None:
+    from train.models import model_path
+
+    try:
+        return json.loads((Path(model_path(model)) / "config.json").read_text()).get("num_hidden_layers")
+    except (OSError, ValueError):
+        return None
 
 
 class Worker:

@@ -68,8 +68,33 @@ ASIDES = [
 ]
 GREETINGS = ["Hi,", "Hello team,", "Good morning,", "Hey,", "Dear support,", ""]
 SIGNOFFS = ["Thanks, {name}", "Best regards, {name}", "Cheers, {name}", "- {name}", "Thank you in advance.", ""]
-NAMES = ["Ana", "Bilal", "Chen", "Dara", "Elif", "Femi", "Goran", "Hana", "Ivo", "Jun", "Kemal", "Lea", "Mateo",
-         "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Uma", "Viktor", "Wen", "Yusuf", "Zoe"]
+NAMES = [
+    "Ana",
+    "Bilal",
+    "Chen",
+    "Dara",
+    "Elif",
+    "Femi",
+    "Goran",
+    "Hana",
+    "Ivo",
+    "Jun",
+    "Kemal",
+    "Lea",
+    "Mateo",
+    "Nia",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tariq",
+    "Uma",
+    "Viktor",
+    "Wen",
+    "Yusuf",
+    "Zoe",
+]
 SLOTS = {
     "plan": ["Pro", "Team", "Business", "Starter", "Enterprise"],
     "feature": ["dashboard", "calendar", "reports", "invoices", "team settings", "search", "timeline"],
@@ -80,7 +105,7 @@ SLOTS = {
     "city": ["Lyon", "Porto", "Gdansk", "Leeds", "Graz", "Turin", "Malmo", "Bilbao"],
 }
 LABELS = sorted(QUEUES)
-SYSTEM = ("Route the support ticket to one queue. Reply with the queue name only, one of: " + ", ".join(LABELS) + ".")
+SYSTEM = "Route the support ticket to one queue. Reply with the queue name only, one of: " + ", ".join(LABELS) + "."
 
 
 def fill(rng: random.Random, text: str, name: str) -> str:

@@ -1,0 +1,100 @@
+"""The fine-tuning worker on a real store and the real trainer (the tiny random model: seconds, not minutes):
+a job runs to a registered, servable version; the gate; cancel; a crashed worker's job is retried, then failed."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from lorafleet.worker import MAX_ATTEMPTS, Worker
+from serve.config import parse_config
+from serve.gateway.finetune import CreateJob, create_job
+from serve.store import Store
+from tests.conftest import MODELS
+from train.export import validate_adapter
+
+pytestmark = pytest.mark.slow
+
+TINY = str(MODELS / "tiny-random-llama")
+ROWS = [{"messages": [{"role": "user", "content": f"ticket {i}"}, {"role": "assistant", "content": "billing"}]}
+        for i in range(8)]  # fmt: skip
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path))
+    cfg = parse_config({"adapters_root": str(tmp_path / "adapters"), "engines": [
+        {"name": "tiny", "model": TINY, "served_name": "tiny-base", "urls": ["http://127.0.0.1:9"]}],
+        "tenants": [{"name": "acme", "api_key_hashes": ["sha256:" + "a" * 64], "models": ["tiny-base"]}]})  # fmt: skip
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.seed_tenants([{"name": "acme", "key_hashes": [], "models": ["tiny-base"]}])
+    data = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+    train = store.add_file("acme", "fine-tune", "t.jsonl", data, tmp_path / "files", 8).id
+    valid = store.add_file("acme", "fine-tune", "v.jsonl", data[: len(data) // 2], tmp_path / "files", 4).id
+    yield cfg, store, train, valid
+    store.close()
+
+
+def job(cfg, store, train, valid=None, **extra):
+    body = {"model": "tiny-base", "training_file": train, "validation_file": valid, "suffix": "t",
+            "hyperparameters": {"n_epochs": 1, "batch_size": 4}, **extra}  # fmt: skip
+    return create_job(CreateJob.model_validate(body), store=store, cfg=cfg, tenant="acme")["id"]
+
+
+def test_a_job_runs_to_a_registered_version_granted_to_its_tenant(setup):
+    cfg, store, train, valid = setup
+    jid = job(cfg, store, train, valid, promote_if={"alias": "support", "min_gain": 1.0})
+    worker = Worker(store, cfg, name="w1")
+    worker.run(store.claim_job("w1"))
+    done = store.job(jid)
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:tiny-base:acme:t:{jid}" and done.trained_tokens > 0
+    (version,) = store.versions(done.fine_tuned_model)
+    assert version.owner == "acme" and version.source == jid and validate_adapter(version.path) == []
+    assert store.alias(done.fine_tuned_model).targets == [{"version": version.id, "weight": 1.0}]
+    assert done.fine_tuned_model in store.tenant_models()["acme"]
+    messages = [e.message for e in reversed(store.events(jid, limit=100)[0])]
+    assert any(m.startswith("Step 2/2: training loss=") for m in messages)
+    assert any(m.startswith("Validation accuracy") for m in messages)
+    # the gate: a random tiny model cannot beat its base by 100 points, so the alias is not moved, and it says why
+    assert any("Not promoted to 'support'" in m for m in messages) and store.alias("support") is None
+    (results,) = done.result_files
+    assert json.loads(open(store.file(results, "acme").path).read())["n"] == 4
+    assert [c.step for c in store.checkpoints(jid)] == [2]
+
+
+def test_cancel_stops_a_running_job_within_seconds(setup):
+    cfg, store, train, _ = setup
+    jid = job(cfg, store, train, hyperparameters={"n_epochs": 50, "batch_size": 1})  # 400 steps: minutes
+    worker = Worker(store, cfg, name="w1", poll_s=0.1)
+    thread = threading.Thread(target=worker.run_forever, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while store.job(jid).status != "running" or not store.events(jid, limit=1)[0][0].message.startswith("Step"):
+        assert time.monotonic() < deadline, "the job never started stepping"
+        time.sleep(0.2)
+    store.update_job(jid, cancel_requested=1)
+    t0 = time.monotonic()
+    while store.job(jid).status == "running":
+        assert time.monotonic() - t0 < 10, "cancel did not stop the job in 10 s"
+        time.sleep(0.1)
+    worker.stop.set()
+    thread.join(timeout=10)
+    assert store.job(jid).status == "cancelled" and store.versions(f"ft:tiny-base:acme:t:{jid}") == []
+
+
+def test_a_crashed_workers_job_is_retried_once_then_failed(setup):
+    cfg, store, train, _ = setup
+    jid = job(cfg, store, train)
+    worker = Worker(store, cfg, name="w2")
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        assert store.claim_job(f"dead-{attempt}").id == jid  # a worker claims it, then dies without a beat
+        store.update_job(jid, heartbeat_at=None)
+        worker.reap()
+    failed = store.job(jid)
+    assert failed.status == "failed" and failed.error["code"] == "worker_lost"
+    messages = [e.message for e in store.events(jid, limit=50)[0]]
+    assert any("queued again" in m for m in messages) and any("not retried" in m for m in messages)
