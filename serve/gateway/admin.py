@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from serve.config import EngineConfig, ServeConfig
 from serve.engines.deploy import AdapterPathError, adapter_dir, check_adapter
 from serve.gateway.limits import Limiter
-from serve.gateway.protocol import ApiError, RegisterAdapter, bad_request
+from serve.gateway.protocol import ApiError, CreateVersion, PointAlias, RegisterAdapter, bad_request
 from serve.gateway.registry import Registry
 from serve.gateway.tenants import TenantStore, bearer_key, key_matches
+from serve.store.schema import AliasRow, VersionRow
+from serve.store.store import Store, StoreError
 
 
 def check_metrics_key(metrics_hash: str | None, admin_hash: str | None, authorization: str | None) -> None:
@@ -156,3 +158,93 @@ def tenants_report(tenants: TenantStore, limiter: Limiter) -> dict:
             }
         )
     return {"tenants": rows}
+
+
+# -- versions and aliases
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        raise bad_request(f"{field or 'body'}: {err['msg']}", param=field) from None
+
+
+def version_object(v: VersionRow) -> dict:
+    return {"id": v.id, "adapter": v.adapter, "digest": v.digest, "base": v.base, "path": v.path, "owner": v.owner,
+            "source": v.source, "created_at": int(v.created_at.timestamp())}  # fmt: skip
+
+
+async def create_version(
+    req: CreateVersion, *, cfg: ServeConfig, registry: Registry, tenants: TenantStore, store: Store, root: Path
+) -> dict:
+    """An immutable version of an adapter, named by its files' hash; the same files give the same version."""
+    engine = cfg.engine_for(req.base)
+    if engine is None or not engine.enable_lora:
+        bases = sorted(e.public_name for e in cfg.engines if e.enable_lora)
+        raise bad_request(f"base {req.base!r} is not a LoRA-enabled base model; choose one of {bases}", param="base")
+    if req.owner is not None and req.owner not in tenants.tenants:
+        raise bad_request(f"owner: unknown tenant {req.owner!r}", param="owner")
+    folder = await _servable_folder(root, req.path, engine)
+    v = await asyncio.to_thread(store.add_version, req.adapter, folder, req.base, req.owner, "admin")
+    if v.id not in registry.models:
+        registry.add_adapter(v.id, Path(v.path), v.base)
+    return version_object(v)
+
+
+async def point_alias(name: str, req: PointAlias, *, registry: Registry, tenants: TenantStore, store: Store) -> dict:
+    """Load the target versions, then move the alias (store first, so every gateway follows)."""
+    unknown = sorted(set(req.tenants) - set(tenants.tenants))
+    if unknown:
+        raise bad_request(f"tenants: unknown {unknown}", param="tenants")
+    targets = [{"version": t.version, "weight": t.weight} for t in req.targets]
+    versions = await asyncio.to_thread(_versions_for, store, name, targets, req.tenants)
+    bases = {v.base for v in versions}
+    if len(bases) != 1:
+        raise bad_request(f"targets: the versions of one alias must share a base model, got {sorted(bases)}",
+                          param="targets")  # fmt: skip
+    pairs = [(t["version"], t["weight"]) for t in targets]
+    for v in versions:
+        if v.id not in registry.models:
+            registry.add_adapter(v.id, Path(v.path), v.base)
+    await registry.preload([v for v, _ in pairs])  # loaded before the alias moves: no window of errors
+    try:
+        row = await asyncio.to_thread(store.set_alias, name, targets, req.tenants)  # the store first: every gateway
+    except StoreError as e:
+        raise bad_request(str(e), param="targets") from None
+    registry.set_alias(name, pairs, bases.pop())
+    tenants.grant(name, req.tenants)
+    return alias_object(row, store)
+
+
+def _versions_for(store: Store, alias: str, targets: list[dict], alias_tenants: list[str]) -> list:
+    total = sum(t["weight"] for t in targets)
+    if abs(total - 1) > 1e-6:
+        raise bad_request(f"targets: weights must sum to 1, got {total:g}", param="targets")
+    out = []
+    for i, t in enumerate(targets):
+        v = store.version(t["version"])
+        # another tenant's version is as unknown as a version that does not exist
+        if v is None or (v.owner is not None and set(alias_tenants) - {v.owner}):
+            raise bad_request(f"targets.{i}.version: no version {t['version']!r} for these tenants",
+                              param=f"targets.{i}.version")  # fmt: skip
+        out.append(v)
+    return out
+
+
+def alias_object(row: AliasRow, store: Store) -> dict:
+    history = [{"targets": h.targets, "at": int(h.at.timestamp())} for h in store.history(row.name)]
+    return {"name": row.name, "targets": row.targets, "tenants": row.tenants, "history": history}
+
+
+async def rollback_alias(name: str, *, registry: Registry, tenants: TenantStore, store: Store) -> dict:
+    row = await asyncio.to_thread(store.alias, name)
+    if row is None:
+        raise ApiError(404, f"no alias {name!r}", code="not_found")
+    past = await asyncio.to_thread(store.history, name)
+    if len(past) < 2:
+        raise bad_request(f"alias {name!r} has no earlier target to roll back to", code="no_history")
+    req = PointAlias(targets=past[-2].targets, tenants=row.tenants)
+    return await point_alias(name, req, registry=registry, tenants=tenants, store=store)

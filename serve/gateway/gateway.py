@@ -21,7 +21,7 @@ from serve.gateway.metrics import Metrics
 from serve.gateway.proxy import Proxy
 from serve.gateway.registry import Registry
 from serve.gateway.tenants import TenantStore, Usage
-from serve.store.schema import VersionRow
+from serve.store.schema import AliasRow, VersionRow
 from serve.store.store import NANO, Store
 
 log = logging.getLogger("lorafleet.serve")
@@ -94,32 +94,35 @@ class Gateway:
         self.store.record_usage(rows)
 
     def sync_models(self) -> None:
-        self.add_models(self.new_models())
+        self.apply_store(*self.read_store())
 
-    def new_models(self) -> list[tuple[str, VersionRow, list[str]]]:
-        """The models registered in the store (by a worker, or another gateway) that this one does not serve yet:
-        (name, version, tenants). Reads only, so it may run off the event loop."""
-        out = []
-        for alias in self.store.aliases():
-            if self.registry.resolve(alias.name) is not None or len(alias.targets) != 1:
+    def read_store(self) -> tuple[list[VersionRow], list[AliasRow]]:
+        """The versions and aliases in the store (registered here, by a worker, or by another gateway). Reads
+        only, so it may run off the event loop."""
+        return self.store.versions(), self.store.aliases()
+
+    def apply_store(self, versions: list[VersionRow], aliases: list[AliasRow]) -> None:
+        """Serve what the store holds that this gateway does not: new versions, new or moved aliases."""
+        reg = self.registry
+        for v in versions:
+            if v.id not in reg.models and self.cfg.engine_for(v.base) is not None:
+                reg.add_adapter(v.id, Path(v.path), v.base)
+        for a in aliases:
+            targets = [(t["version"], float(t["weight"])) for t in a.targets]
+            if not all(v in reg.models for v, _ in targets):
                 continue
-            version = self.store.version(alias.targets[0]["version"])
-            if version is not None and self.cfg.engine_for(version.base) is not None:
-                out.append((alias.name, version, alias.tenants))
-        return out
-
-    def add_models(self, models: list[tuple[str, VersionRow, list[str]]]) -> None:
-        for name, version, tenants in models:
-            self.registry.add_adapter(name, Path(version.path), version.base)
-            self.tenants.grant(name, [t for t in tenants if t in self.tenants.tenants])
-            log.info("serving %s (version %s) from the store", name, version.id)
+            current = reg.aliases.get(a.name)
+            if current is None or current.targets != targets:
+                reg.set_alias(a.name, targets, reg.models[targets[0][0]].base)
+                log.info("alias %s -> %s (from the store)", a.name, targets)
+            self.tenants.grant(a.name, [t for t in a.tenants if t in self.tenants.tenants])
 
     async def _store_loop(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
                 await asyncio.to_thread(self.flush_usage)
-                self.add_models(await asyncio.to_thread(self.new_models))  # registry changes on the loop only
+                self.apply_store(*await asyncio.to_thread(self.read_store))  # registry changes on the loop only
             except Exception:  # a database hiccup must not end the loop; the next round retries
                 log.exception("store sync failed")
 

@@ -36,6 +36,12 @@ class Metrics:
         self.request_seconds = Histogram(
             "lorafleet_request_seconds", "Whole request at the gateway", tm, buckets=LATENCY_BUCKETS, registry=r
         )
+        self.alias_requests = Counter(
+            "lorafleet_alias_requests",
+            "Requests to an alias, by the version it sent them to",
+            ["alias", "version"],
+            registry=r,
+        )
         self.adapter_loads = Counter(
             "lorafleet_adapter_loads", "Adapter loads into an engine", ["adapter", "result"], registry=r
         )

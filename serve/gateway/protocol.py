@@ -95,6 +95,13 @@ class ProxyRequest:
     body: bytes  # what goes to the engine
     n: int = 1  # choices per prompt
     client_wants_running_usage: bool = False  # ... and stream_options.continuous_usage_stats
+    user: str | None = None  # OpenAI's end-user id: keeps a user on one side of a canary split
+
+    def for_engine(self, name: str) -> bytes:
+        """The body with `model` replaced by what the engine knows it as (an alias's version)."""
+        data = json.loads(self.body)
+        data["model"] = name
+        return json.dumps(data, separators=(",", ":")).encode()
 
 
 def _int_field(data: dict, name: str, cap: int) -> int | None:
@@ -145,11 +152,36 @@ def parse_request(raw: bytes, kind: Kind, max_tokens_cap: int, max_n: int | None
         # usage chunk; both are stripped again unless the client asked for them.
         data["stream_options"] = {**(options or {}), "include_usage": True, "continuous_usage_stats": True}
         body = json.dumps(data, separators=(",", ":")).encode()
-    return ProxyRequest(kind, model, stream, wants_usage, max_tokens, body, n, wants_running)
+    user = data.get("user") if isinstance(data.get("user"), str) else None
+    return ProxyRequest(kind, model, stream, wants_usage, max_tokens, body, n, wants_running, user)
 
 
 def model_card(name: str, parent: str | None, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "parent": parent}
+
+
+class CreateVersion(BaseModel):
+    """Body of POST /admin/versions."""
+
+    model_config = ConfigDict(extra="forbid")
+    adapter: Name = Field(description="the adapter this is a version of")
+    path: str = Field(description="adapter folder, relative to the adapters root (or absolute inside it)")
+    base: str = Field(description="served name of the base model")
+    owner: str | None = Field(None, description="the tenant it belongs to; none: any tenant's alias may use it")
+
+
+class Target(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str
+    weight: float = Field(1.0, gt=0, le=1)
+
+
+class PointAlias(BaseModel):
+    """Body of PUT /admin/aliases/{name}."""
+
+    model_config = ConfigDict(extra="forbid")
+    targets: list[Target] = Field(min_length=1, description="one version, or a weighted split summing to 1")
+    tenants: list[str] = Field([], description="tenants that may send this alias as `model`")
 
 
 class RegisterAdapter(BaseModel):

@@ -52,6 +52,7 @@ class Context:
     model: Model
     request: ProxyRequest
     t0: float
+    label: str = ""  # the `model` label of its metrics: what the client sent (an alias, not its version)
     code: int = 0
     completed: bool = False
     client_gone: bool = False  # the client hung up before the answer ended
@@ -171,11 +172,12 @@ class Proxy:
             cap = self.settings
             raw = await read_body(request, cap.max_body_bytes)
             preq = parse_request(raw, kind, cap.max_tokens_cap, cap.max_n)
-            model = self.registry.resolve(preq.model)
-            if model is None or not tenant.may_use(model.name):
+            sticky = preq.user or request.headers.get("x-request-id")
+            model = self.registry.resolve(preq.model, sticky)
+            if model is None or not tenant.may_use(preq.model):
                 # labelled as an unknown model: /metrics must not tell a prober which names exist
                 raise model_not_found(preq.model)
-            model_label = model.name
+            model_label = preq.model
             decision = self.limiter.admit(tenant.name, tenant.limits)
             if not decision.ok:
                 self.m.ratelimited.labels(tenant.name, decision.limit).inc()
@@ -186,7 +188,11 @@ class Proxy:
             self.m.requests.labels(tenant_label, model_label, str(e.status)).inc()
             return e.response()
         self.m.inflight.labels(tenant.name).inc()
-        return ProxyResponse(self, Context(tenant, model, preq, time.perf_counter()))
+        model.inflight += 1  # an alias's old version is unloaded only when this reaches 0
+        if model.name != preq.model:  # an alias: the engine knows the version by its own name
+            preq.body = preq.for_engine(model.name)
+            self.m.alias_requests.labels(preq.model, model.name).inc()
+        return ProxyResponse(self, Context(tenant, model, preq, time.perf_counter(), label=preq.model))
 
     # -- the exchange with an engine
 
@@ -273,7 +279,8 @@ class Proxy:
     # -- metering
 
     def finish(self, ctx: Context) -> None:
-        tenant, model, m = ctx.tenant.name, ctx.model.name, self.m
+        tenant, model, m = ctx.tenant.name, ctx.label or ctx.model.name, self.m
+        ctx.model.inflight -= 1
         code = ctx.code if ctx.completed or ctx.code not in (0, 200) else CLIENT_CLOSED
         usage = ctx.usage or {}
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)

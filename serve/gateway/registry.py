@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,33 @@ class Model:
     base: str | None = None  # base model name (adapters)
     path: Path | None = None  # adapter folder (lora)
     created: int = field(default_factory=lambda: int(time.time()))
+    inflight: int = 0  # admitted requests not yet finished: a version is unloaded only at 0
+
+
+@dataclass
+class Alias:
+    """What a tenant sends as `model` for a versioned adapter: one version, or a weighted split (canary)."""
+
+    name: str
+    targets: list[tuple[str, float]]  # (version id, weight); the id is the name the engine knows it by
+    base: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def pick(alias: Alias, key: str | None) -> str:
+    """The version of a split a request goes to: sticky per `key` (user or request id), else at random."""
+    if len(alias.targets) == 1:
+        return alias.targets[0][0]
+    if key is None:
+        u = random.random()
+    else:
+        u = int.from_bytes(hashlib.blake2b(f"{alias.name}\0{key}".encode(), digest_size=8).digest(), "big") / 2**64
+    acc = 0.0
+    for version, weight in alias.targets:
+        acc += weight
+        if u < acc:
+            return version
+    return alias.targets[-1][0]
 
 
 def rendezvous(key: str, names: list[str]) -> list[str]:
@@ -64,6 +92,7 @@ class Registry:
         self.cfg, self.metrics = cfg, metrics
         self.groups: dict[str, list[Replica]] = {}
         self.models: dict[str, Model] = {}
+        self.aliases: dict[str, Alias] = {}
         self.client: httpx.AsyncClient | None = None  # set by the gateway when its event loop runs
         self._tasks: set[asyncio.Task] = set()
         for e in cfg.engines:
@@ -88,8 +117,19 @@ class Registry:
 
     # -- lookup and routing
 
-    def resolve(self, name: str) -> Model | None:
+    def resolve(self, name: str, key: str | None = None) -> Model | None:
+        """The model a client's `model` names; an alias resolves to one of its versions (see `pick`)."""
+        alias = self.aliases.get(name)
+        if alias is not None:
+            return self.models.get(pick(alias, key))
         return self.models.get(name)
+
+    def names(self) -> list[tuple[str, str | None, int]]:
+        """(name, base, created) of everything a client may send as `model`: models and aliases, not versions."""
+        versions = {v for a in self.aliases.values() for v, _ in a.targets} | {
+            m.name for m in self.models.values() if "@" in m.name}  # fmt: skip
+        out = [(m.name, m.base, m.created) for m in self.models.values() if m.name not in versions]
+        return out + [(a.name, a.base, a.created) for a in self.aliases.values()]
 
     def replica(self, name: str) -> Replica | None:
         return next((r for rs in self.groups.values() for r in rs if r.name == name), None)
@@ -112,15 +152,53 @@ class Registry:
         model = self.models[name] = Model(name, "lora", engine.name, base=base, path=path)
         return model
 
-    async def remove_adapter(self, name: str) -> None:
-        model = self.models.pop(name)
-        for r in self.groups.get(model.engine, []):
+    # -- versions and aliases
+
+    async def preload(self, versions: list[str]) -> None:
+        """Load versions where their requests will go, before an alias moves to them: no request meets a cold or
+        missing adapter."""
+        for version in versions:
+            model = self.models[version]
+            for replica in [r for r in self.route(model) if r.up is not False][:1]:
+                await self.ensure_loaded(model, replica)
+
+    def set_alias(self, name: str, targets: list[tuple[str, float]], base: str) -> None:
+        """Move an alias; versions no alias points at any more are unloaded once their in-flight requests end."""
+        before = {v for a in self.aliases.values() for v, _ in a.targets}
+        old = self.aliases.get(name)
+        self.aliases[name] = Alias(name, targets, base, old.created if old else int(time.time()))
+        after = {v for a in self.aliases.values() for v, _ in a.targets}
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # at start-up, before the loop: nothing is loaded yet, nothing to retire
+            return
+        for version in before - after:
+            task = loop.create_task(self._retire(version))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _retire(self, version: str, timeout: float = 600.0) -> None:
+        model = self.models.get(version)
+        deadline = time.monotonic() + timeout
+        while model is not None and model.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        if any(version in (v for v, _ in a.targets) for a in self.aliases.values()):
+            return  # pointed at again meanwhile (a rollback): keep it
+        await self.unload(version)
+
+    async def unload(self, name: str) -> None:
+        model = self.models.get(name)
+        for r in self.groups.get(model.engine, []) if model else []:
             if name in r.loaded:
                 r.loaded.discard(name)
                 try:  # vLLM keeps the weights until LRU eviction, but stops serving the name
                     await self.client.post(f"{r.url}/v1/unload_lora_adapter", json={"lora_name": name})
                 except httpx.HTTPError as e:
                     log.warning("unloading %s from %s failed: %s", name, r.name, e)
+
+    async def remove_adapter(self, name: str) -> None:
+        await self.unload(name)
+        self.models.pop(name)
 
     # -- hot-loading
 

@@ -27,7 +27,7 @@ from serve.gateway.deps import (
     TenantsDep,
     proxy_of,
 )
-from serve.gateway.protocol import ApiError, model_card, model_not_found, openapi_body
+from serve.gateway.protocol import ApiError, CreateVersion, PointAlias, model_card, model_not_found, openapi_body
 from serve.gateway.registry import Registry
 from serve.gateway.tenants import Tenant
 
@@ -48,7 +48,7 @@ async def completions(request: Request) -> Response:
 
 
 def _visible_models(tenant: Tenant, registry: Registry) -> list[dict]:
-    return [model_card(m.name, m.base, m.created) for m in registry.models.values() if tenant.may_use(m.name)]
+    return [model_card(name, base, created) for name, base, created in registry.names() if tenant.may_use(name)]
 
 
 @router.get("/v1/models")
@@ -114,6 +114,46 @@ async def list_adapters(registry: RegistryDep) -> dict:
 @admin_router.delete("/adapters/{name}")
 async def delete_adapter(name: str, registry: RegistryDep, tenants: TenantsDep) -> dict:
     return await admin.remove_adapter(name, registry=registry, tenants=tenants)
+
+
+@admin_router.post("/versions", status_code=201)
+async def create_version(
+    request: Request,
+    cfg: ConfigDep,
+    registry: RegistryDep,
+    tenants: TenantsDep,
+    store: StoreDep,
+    root: AdaptersRootDep,
+) -> dict:
+    req = admin.parse_body(await request.body(), CreateVersion)
+    return await admin.create_version(req, cfg=cfg, registry=registry, tenants=tenants, store=store, root=root)
+
+
+@admin_router.get("/versions")
+async def list_versions(store: StoreDep, adapter: str | None = None) -> dict:
+    rows = await run_in_threadpool(store.versions, adapter)
+    return {"versions": [admin.version_object(v) for v in rows]}
+
+
+@admin_router.put("/aliases/{name}")
+async def point_alias(
+    name: str, request: Request, registry: RegistryDep, tenants: TenantsDep, store: StoreDep
+) -> dict:
+    req = admin.parse_body(await request.body(), PointAlias)
+    return await admin.point_alias(name, req, registry=registry, tenants=tenants, store=store)
+
+
+@admin_router.post("/aliases/{name}/rollback")
+async def rollback_alias(name: str, registry: RegistryDep, tenants: TenantsDep, store: StoreDep) -> dict:
+    return await admin.rollback_alias(name, registry=registry, tenants=tenants, store=store)
+
+
+@admin_router.get("/aliases/{name}")
+async def get_alias(name: str, store: StoreDep) -> dict:
+    row = await run_in_threadpool(store.alias, name)
+    if row is None:
+        raise ApiError(404, f"no alias {name!r}", code="not_found")
+    return await run_in_threadpool(admin.alias_object, row, store)
 
 
 @admin_router.get("/tenants")
