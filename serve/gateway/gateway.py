@@ -22,7 +22,7 @@ from serve.gateway.proxy import Proxy
 from serve.gateway.registry import Registry
 from serve.gateway.tenants import TenantStore, Usage
 from serve.store.schema import AliasRow, VersionRow
-from serve.store.store import NANO, Store
+from serve.store.store import Store
 
 log = logging.getLogger("lorafleet.serve")
 
@@ -68,30 +68,32 @@ class Gateway:
         for name, models in self.store.tenant_models().items():
             if name in self.tenants.tenants:
                 self.tenants.tenants[name].models |= set(models)
-        totals = self.store.usage_totals()
-        self._flushed: dict[str, tuple[int, int, int, int]] = {}
-        for name, t in self.tenants.tenants.items():
-            u = totals.get(name)
-            if u:
-                t.usage = Usage(u["requests"], u["prompt_tokens"], u["completion_tokens"], u["cost_nano_usd"] / NANO)
-            self._flushed[name] = self._usage_key(t.usage)
+        for name, u in self.store.usage_totals().items():
+            if name in self.tenants.tenants:
+                self.tenants.tenants[name].usage = Usage(u["requests"], u["prompt_tokens"], u["completion_tokens"],
+                                                         u["cost_nano_usd"])  # fmt: skip
         self.sync_models()
 
-    @staticmethod
-    def _usage_key(u: Usage) -> tuple[int, int, int, int]:
-        return (u.requests, u.prompt_tokens, u.completion_tokens, round(u.cost_usd * NANO))
-
     def flush_usage(self) -> None:
-        """Append what each tenant used since the last flush to the ledger; its sum is always the running total."""
-        rows = []
-        for name, t in self.tenants.tenants.items():
-            now, before = self._usage_key(t.usage), self._flushed[name]
-            if now != before:
-                d = [a - b for a, b in zip(now, before, strict=True)]
-                rows.append({"tenant": name, "model": "*", "requests": d[0], "prompt_tokens": d[1],
-                             "completion_tokens": d[2], "cost_nano_usd": d[3]})  # fmt: skip
-                self._flushed[name] = now
-        self.store.record_usage(rows)
+        """Append what was metered since the last flush to the ledger; its sum is always the running total."""
+        self.write_usage(self.take_usage())
+
+    def take_usage(self) -> dict:
+        # On the event loop (or with it stopped): the proxy adds to these rows there, so the swap cannot race it.
+        pending, self.proxy.ledger = self.proxy.ledger, {}
+        return pending
+
+    def write_usage(self, pending: dict) -> None:
+        rows = [{"tenant": t, "model": m, "version": v, "requests": r, "prompt_tokens": p, "completion_tokens": c,
+                 "cost_nano_usd": n} for (t, m, v), (r, p, c, n) in pending.items()]  # fmt: skip
+        try:
+            self.store.record_usage(rows)
+        except Exception:
+            for key, row in pending.items():  # the database is away: keep the rows for the next flush
+                mine = self.proxy.ledger.setdefault(key, [0, 0, 0, 0])
+                for i, x in enumerate(row):
+                    mine[i] += x
+            raise
 
     def sync_models(self) -> None:
         self.apply_store(*self.read_store())
@@ -121,7 +123,7 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             try:
-                await asyncio.to_thread(self.flush_usage)
+                await asyncio.to_thread(self.write_usage, self.take_usage())
                 self.apply_store(*await asyncio.to_thread(self.read_store))  # registry changes on the loop only
             except Exception:  # a database hiccup must not end the loop; the next round retries
                 log.exception("store sync failed")

@@ -36,7 +36,7 @@ from serve.gateway.protocol import (
 )
 from serve.gateway.registry import Model, Registry, Replica
 from serve.gateway.stream import SSE_HEADERS, StreamMeter, bad_upstream, pump, stream_error
-from serve.gateway.tenants import UNKNOWN, Tenant, TenantStore, bearer_key
+from serve.gateway.tenants import NANO, UNKNOWN, Tenant, TenantStore, bearer_key
 
 log = logging.getLogger("lorafleet.serve")
 
@@ -159,6 +159,8 @@ class Proxy:
         self.settings, self.price = settings, price
         self.tenants, self.limiter, self.registry, self.m = tenants, limiter, registry, metrics
         self.get_client = get_client
+        # usage not yet written to the store: (tenant, model, version) -> [requests, prompt, completion, nano-$]
+        self.ledger: dict[tuple[str, str, str | None], list[int]] = {}
 
     # -- admission: everything that can refuse a request before an engine sees it
 
@@ -307,8 +309,16 @@ class Proxy:
             m.tokens.labels(tenant, model, "completion").inc(completion)
             m.cost.labels(tenant, model).inc(cost)
             u = ctx.tenant.usage
-            u.prompt_tokens, u.completion_tokens, u.cost_usd = (
+            nano = round(cost * NANO)
+            u.prompt_tokens, u.completion_tokens, u.cost_nano_usd = (
                 u.prompt_tokens + prompt,
                 u.completion_tokens + completion,
-                u.cost_usd + cost,
+                u.cost_nano_usd + nano,
             )
+        else:
+            nano = 0
+        # the ledger (serve.store), by tenant, the model asked for (an alias) and the version that answered
+        row = self.ledger.setdefault(
+            (tenant, model, ctx.model.name if ctx.model.name != model else None), [0, 0, 0, 0]
+        )
+        row[0], row[1], row[2], row[3] = row[0] + 1, row[1] + prompt, row[2] + completion, row[3] + nano

@@ -34,12 +34,19 @@ def key_matches(key: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_key(key).encode(), stored_hash.encode())
 
 
+NANO = 1_000_000_000
+
+
 @dataclass
 class Usage:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_nano_usd: int = 0  # integer nano-dollars: a sum is exact in any order, before and after a restart
+
+    @property
+    def cost_usd(self) -> float:
+        return self.cost_nano_usd / NANO
 
 
 @dataclass

@@ -346,6 +346,13 @@ class Store:
                                prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],
                                cost_nano_usd=r["cost_nano_usd"] if "cost_nano_usd" in r else round(r["cost_usd"] * NANO)))  # fmt: skip
 
+    def usage_by_model(self, tenant: str) -> dict[tuple[str, str | None], int]:
+        """A tenant's requests per (model it asked for, version that answered): the aliases' split as billed."""
+        q = (select(UsageRow.model, UsageRow.version, func.sum(UsageRow.requests)).where(UsageRow.tenant == tenant)
+             .group_by(UsageRow.model, UsageRow.version))  # fmt: skip
+        with self.tx() as s:
+            return {(m, v): int(n) for m, v, n in s.execute(q).all()}
+
     def usage_totals(self) -> dict[str, dict[str, Any]]:
         """Per tenant: requests, prompt and completion tokens and $ summed over the whole ledger."""
         cols = (func.sum(UsageRow.requests), func.sum(UsageRow.prompt_tokens), func.sum(UsageRow.completion_tokens),

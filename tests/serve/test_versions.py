@@ -167,7 +167,10 @@ def test_a_restarted_gateway_has_every_alias_and_the_same_usage(fake_engine, ver
     before = {t["name"]: t["usage"] for t in httpx.get(f"{gw.url}/admin/tenants", headers=ADMIN).json()["tenants"]}
     gw.stop()
 
-    ledger = Store(url).usage_totals()  # what the stopped gateway left in the store
+    store = Store(url)
+    ledger = store.usage_totals()  # what the stopped gateway left in the store
+    assert store.usage_by_model("globex") == {("triage", vs[2]): 5}  # billed by alias and the version that answered
+    assert sum(n for (m, v), n in store.usage_by_model("acme").items() if m == "support" and v in vs[:2]) == 5
     for name, u in before.items():
         assert ledger.get(name, {}).get("requests", 0) == u["requests"], name
         assert ledger.get(name, {}).get("completion_tokens", 0) == u["completion_tokens"], name
@@ -188,3 +191,23 @@ def test_a_restarted_gateway_has_every_alias_and_the_same_usage(fake_engine, ver
         assert len(httpx.get(f"{again.url}/admin/versions", headers=ADMIN).json()["versions"]) == 5
     finally:
         again.stop()
+
+
+def test_two_gateways_on_one_postgresql_follow_each_other(fake_engine, versions_root, postgres):
+    url = postgres.fresh_database("two_gateways")
+    a, b = (start(gateway_config(fake_engine, versions_root, url)) for _ in range(2))
+    try:
+        v1, v2 = version(a, 1), version(a, 2)
+        assert point(a, "support", [{"version": v1, "weight": 1}], ["acme"]).status_code == 200
+        deadline = time.monotonic() + 10  # b reads the store every store_poll_s (0.2 s here)
+        while chat(b, "acme", "support").status_code != 200:
+            assert time.monotonic() < deadline, "gateway b never served the alias made on gateway a"
+            time.sleep(0.1)
+        assert chat(b, "acme", "support").json()["model"] == v1
+        assert point(b, "support", [{"version": v2, "weight": 1}], ["acme"]).status_code == 200
+        while chat(a, "acme", "support").json()["model"] != v2:
+            assert time.monotonic() < deadline + 10, "gateway a never followed the move made on gateway b"
+            time.sleep(0.1)
+    finally:
+        a.stop()
+        b.stop()
