@@ -62,14 +62,22 @@ def parse_register(raw: bytes) -> RegisterAdapter:
 
 
 async def register_adapter(
-    req: RegisterAdapter, *, cfg: ServeConfig, registry: Registry, tenants: TenantStore, root: Path
+    req: RegisterAdapter, *, cfg: ServeConfig, registry: Registry, tenants: TenantStore, root: Path, store: Store
 ) -> dict:
-    """Check the adapter named in `req` (the cheap checks first, the disk last) and make it servable."""
+    """Check the adapter named in `req` (the cheap checks first, the disk last) and make it servable. It is kept
+    in the store as a version and an alias of that name, so a restarted gateway serves it again."""
     engine = _engine_for_new(req, cfg, registry, tenants)
     folder = await _servable_folder(root, req.path, engine)
     registry.add_adapter(req.name, folder, req.base)
     tenants.grant(req.name, req.tenants)
+    await asyncio.to_thread(_persist, store, req, folder)
     return {"name": req.name, "base": req.base, "path": str(folder), "tenants": req.tenants}
+
+
+def _persist(store: Store, req: RegisterAdapter, folder: Path) -> None:
+    v = store.add_version(req.name, folder, req.base, source="admin")
+    store.set_alias(req.name, [{"version": v.id, "weight": 1.0}], req.tenants)
+    store.grant(req.name, req.tenants)
 
 
 def _engine_for_new(req: RegisterAdapter, cfg: ServeConfig, registry: Registry, tenants: TenantStore) -> EngineConfig:
@@ -107,13 +115,18 @@ async def _servable_folder(root: Path, path: str, engine: EngineConfig) -> Path:
     return folder
 
 
-async def remove_adapter(name: str, *, registry: Registry, tenants: TenantStore) -> dict:
+async def remove_adapter(name: str, *, registry: Registry, tenants: TenantStore, store: Store) -> dict:
     model = registry.resolve(name)
     if model is None:
         raise ApiError(404, f"no adapter {name!r}", code="model_not_found")
     if model.kind != "lora":
         raise bad_request(f"{name!r} is a {model.kind} model, not a LoRA adapter; change the config to remove it")
-    await registry.remove_adapter(name)
+    if name in registry.aliases:
+        registry.drop_alias(name)
+    else:
+        await registry.remove_adapter(name)
+    await asyncio.to_thread(store.delete_alias, name)
+    await asyncio.to_thread(store.revoke, name)
     tenants.revoke(name)
     return {"deleted": name}
 

@@ -111,7 +111,8 @@ class Gateway:
                 reg.add_adapter(v.id, Path(v.path), v.base)
         for a in aliases:
             targets = [(t["version"], float(t["weight"])) for t in a.targets]
-            if not all(v in reg.models for v, _ in targets):
+            plain = a.name in reg.models  # registered here with POST /admin/adapters: served as it is until a restart
+            if plain or not all(v in reg.models for v, _ in targets):
                 continue
             current = reg.aliases.get(a.name)
             if current is None or current.targets != targets:

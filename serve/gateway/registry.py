@@ -177,6 +177,10 @@ class Registry:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def drop_alias(self, name: str) -> None:
+        self.set_alias(name, [], self.aliases[name].base)  # retires the versions only this alias used
+        del self.aliases[name]
+
     async def _retire(self, version: str, timeout: float = 600.0) -> None:
         model = self.models.get(version)
         deadline = time.monotonic() + timeout

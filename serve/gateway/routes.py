@@ -100,10 +100,15 @@ async def engine_metrics(name: str, registry: RegistryDep, client: ClientDep) ->
 
 @admin_router.post("/adapters", status_code=201, openapi_extra=openapi_body("register"))
 async def register_adapter(
-    request: Request, cfg: ConfigDep, registry: RegistryDep, tenants: TenantsDep, root: AdaptersRootDep
+    request: Request,
+    cfg: ConfigDep,
+    registry: RegistryDep,
+    tenants: TenantsDep,
+    root: AdaptersRootDep,
+    store: StoreDep,
 ) -> dict:
     req = admin.parse_register(await request.body())
-    return await admin.register_adapter(req, cfg=cfg, registry=registry, tenants=tenants, root=root)
+    return await admin.register_adapter(req, cfg=cfg, registry=registry, tenants=tenants, root=root, store=store)
 
 
 @admin_router.get("/adapters")
@@ -112,8 +117,8 @@ async def list_adapters(registry: RegistryDep) -> dict:
 
 
 @admin_router.delete("/adapters/{name}")
-async def delete_adapter(name: str, registry: RegistryDep, tenants: TenantsDep) -> dict:
-    return await admin.remove_adapter(name, registry=registry, tenants=tenants)
+async def delete_adapter(name: str, registry: RegistryDep, tenants: TenantsDep, store: StoreDep) -> dict:
+    return await admin.remove_adapter(name, registry=registry, tenants=tenants, store=store)
 
 
 @admin_router.post("/versions", status_code=201)

@@ -191,6 +191,14 @@ class Store:
         if abs(total - 1) > 1e-6:
             raise StoreError(f"targets: weights must sum to 1, got {total:g}")
 
+    def delete_alias(self, name: str) -> bool:
+        with self.tx() as s:
+            row = s.get(AliasRow, name)
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
     def alias(self, name: str) -> AliasRow | None:
         with self.tx() as s:
             return s.get(AliasRow, name)

@@ -211,3 +211,24 @@ def test_two_gateways_on_one_postgresql_follow_each_other(fake_engine, versions_
     finally:
         a.stop()
         b.stop()
+
+
+def test_an_adapter_registered_at_run_time_survives_a_restart_and_its_delete_too(fake_engine, versions_root, tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    gw = start(gateway_config(fake_engine, versions_root, url))
+    body = {"name": "hot", "path": "v4", "base": "fake-base", "tenants": ["globex"]}
+    assert httpx.post(f"{gw.url}/admin/adapters", json=body, headers=ADMIN).status_code == 201
+    assert chat(gw, "globex", "hot").status_code == 200 and chat(gw, "acme", "hot").status_code == 404
+    gw.stop()
+    gw = start(gateway_config(fake_engine, versions_root, url))  # before: 404 for everyone after a restart
+    try:
+        assert chat(gw, "globex", "hot").status_code == 200 and chat(gw, "acme", "hot").status_code == 404
+        assert httpx.delete(f"{gw.url}/admin/adapters/hot", headers=ADMIN).status_code == 200
+        assert chat(gw, "globex", "hot").status_code == 404
+    finally:
+        gw.stop()
+    gw = start(gateway_config(fake_engine, versions_root, url))
+    try:
+        assert chat(gw, "globex", "hot").status_code == 404  # deleted stays deleted
+    finally:
+        gw.stop()
