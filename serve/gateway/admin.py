@@ -53,12 +53,7 @@ def check_admin_key(stored_hash: str | None, authorization: str | None) -> None:
 
 
 def parse_register(raw: bytes) -> RegisterAdapter:
-    try:
-        return RegisterAdapter.model_validate_json(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or None
-        raise bad_request(f"{field or 'body'}: {err['msg']}", param=field) from None
+    return parse_body(raw, RegisterAdapter)
 
 
 async def register_adapter(
