@@ -52,6 +52,7 @@ class GatewayMetrics:
         self.itl = Histogram("lorafleet_itl_seconds", "itl", tm, buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("lorafleet_request_seconds", "e2e", tm, buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_loads = Counter("lorafleet_adapter_loads", "loads", ["adapter", "result"], registry=r)
+        self.alias_requests = Counter("lorafleet_alias_requests", "by version", ["alias", "version"], registry=r)
         self.adapter_load_s = Histogram("lorafleet_adapter_load_seconds", "load s", ["adapter"], registry=r)
         self.ratelimited = Counter("lorafleet_ratelimited", "429s", ["tenant", "limit"], registry=r)
         self.upstream_up = Gauge("lorafleet_upstream_up", "up", ["upstream"], registry=r)
