@@ -66,6 +66,15 @@ class Task:
         """Up to n chat examples {"messages": [..., {"role": "assistant", "content": answer}]} of a split."""
         raise NotImplementedError
 
+    def size(self, split: Split) -> int | None:
+        """How many examples a split holds; None: as many as asked for (a generator)."""
+        return None
+
+    def capped(self, n: int, split: Split) -> int:
+        """n, or all the split holds if that is fewer."""
+        size = self.size(split)
+        return n if size is None else min(n, size)
+
     def shots(self, k: int, seed: int) -> list[dict]:
         """The k solved train examples a few-shot prompt shows."""
         return self.generate(k, "train", seed)[:k]

@@ -67,8 +67,7 @@ def make_plan(path: Path) -> DemoPlan:
         task = get_task(task_ref)
     except (DataError, ValueError) as e:
         raise UserError(f"{path}: task: {e}") from e
-    size = getattr(task, "size", None)
-    n_train = spec.n_train or (size("train") if size else 500)
+    n_train = spec.n_train or task.size("train") or 500  # default: the whole train split (500 for a generator)
     if spec.curve_sizes and max(spec.curve_sizes) >= n_train:
         raise UserError(f"{path}: curve_sizes must be below n_train ({n_train}), got {spec.curve_sizes}")
     return DemoPlan(

@@ -129,9 +129,7 @@ def adapter_key(cfg) -> str:
 
 
 def train_size(task: str, n: int) -> int:
-    """n, or all a task file's train split holds if that is fewer."""
-    t = get_task(task)
-    return min(n, t.size("train")) if hasattr(t, "size") else n
+    return get_task(task).capped(n, "train")
 
 
 def train_adapter(task: str, plan: DemoPlan, log: Path, n: int | None = None, name: str | None = None) -> dict:
@@ -254,8 +252,7 @@ def bench_config(plan: DemoPlan, gateway: str, out_dir: Path) -> dict:
 
 
 def eval_size(task: str, n: int) -> int:
-    t = get_task(task)
-    return min(n, t.size("eval")) if hasattr(t, "size") else n
+    return get_task(task).capped(n, "eval")
 
 
 def curve_bench_config(plan: DemoPlan, gateway: str, out_dir: Path) -> dict:

@@ -14,7 +14,14 @@ from pydantic import BaseModel, ValidationError
 from serve.config import EngineConfig, ServeConfig
 from serve.engines.deploy import AdapterPathError, adapter_dir, check_adapter
 from serve.gateway.limits import Limiter
-from serve.gateway.protocol import ApiError, CreateVersion, PointAlias, RegisterAdapter, bad_request
+from serve.gateway.protocol import (
+    ApiError,
+    CreateVersion,
+    PointAlias,
+    RegisterAdapter,
+    bad_request,
+    invalid_body,
+)
 from serve.gateway.registry import Registry
 from serve.gateway.tenants import TenantStore, bearer_key, key_matches
 from serve.store.schema import AliasRow, VersionRow
@@ -175,9 +182,7 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or None
-        raise bad_request(f"{field or 'body'}: {err['msg']}", param=field) from None
+        raise invalid_body(e) from None
 
 
 def version_object(v: VersionRow) -> dict:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorafleet.core.scorers import make_scorer
 from serve.config import ServeConfig
-from serve.gateway.protocol import ApiError, bad_request
+from serve.gateway.protocol import ApiError, bad_request, invalid_body
 from serve.store.schema import CheckpointRow, EventRow, FileRow, JobRow
 from serve.store.store import TERMINAL, Store
 from train.data import DataError, to_conversation
@@ -158,21 +158,15 @@ class CreateJob(BaseModel):
             try:
                 return Hyperparameters.model_validate(raw)
             except ValidationError as e:
-                raise _field_error(e, "method.supervised.hyperparameters") from None
+                raise invalid_body(e, "method.supervised.hyperparameters") from None
         return self.hyperparameters or Hyperparameters()
-
-
-def _field_error(e: ValidationError, prefix: str = "") -> ApiError:
-    err = e.errors()[0]
-    field = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"])) or None
-    return bad_request(f"{field or 'body'}: {err['msg']}", param=field)
 
 
 def parse_job(raw: bytes) -> CreateJob:
     try:
         return CreateJob.model_validate_json(raw)
     except ValidationError as e:
-        raise _field_error(e) from None
+        raise invalid_body(e) from None
 
 
 def create_job(req: CreateJob, *, store: Store, cfg: ServeConfig, tenant: str) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from serve.config import Name
@@ -49,6 +49,13 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def invalid_body(e: ValidationError, prefix: str = "") -> ApiError:
+    """A body that failed its model's validation: 400 naming the first bad field (under `prefix`, if nested)."""
+    err = e.errors()[0]
+    field = ".".join([*(prefix.split(".") if prefix else []), *(str(p) for p in err["loc"])]) or None
+    return bad_request(f"{field or 'body'}: {err['msg']}", param=field)
 
 
 def unauthorized(message: str = "invalid or missing API key: send `Authorization: Bearer KEY`") -> ApiError:
