@@ -70,16 +70,17 @@ async def register_adapter(
     in the store as a version and an alias of that name, so a restarted gateway serves it again."""
     engine = _engine_for_new(req, cfg, registry, tenants)
     folder = await _servable_folder(root, req.path, engine)
-    registry.add_adapter(req.name, folder, req.base)
+    version = await asyncio.to_thread(_persist, store, req, folder)
+    registry.add_named(req.name, folder, req.base, version)
     tenants.grant(req.name, req.tenants)
-    await asyncio.to_thread(_persist, store, req, folder)
-    return {"name": req.name, "base": req.base, "path": str(folder), "tenants": req.tenants}
+    return {"name": req.name, "base": req.base, "path": str(folder), "tenants": req.tenants, "version": version}
 
 
-def _persist(store: Store, req: RegisterAdapter, folder: Path) -> None:
+def _persist(store: Store, req: RegisterAdapter, folder: Path) -> str:
     v = store.add_version(req.name, folder, req.base, source="admin")
     store.set_alias(req.name, [{"version": v.id, "weight": 1.0}], req.tenants)
     store.grant(req.name, req.tenants)
+    return v.id
 
 
 def _engine_for_new(req: RegisterAdapter, cfg: ServeConfig, registry: Registry, tenants: TenantStore) -> EngineConfig:
@@ -134,20 +135,19 @@ async def remove_adapter(name: str, *, registry: Registry, tenants: TenantStore,
 
 
 def adapters_report(registry: Registry) -> dict:
+    """What a client may call, as it calls it: an alias shows the versions it points at."""
     rows = []
-    for m in registry.models.values():
-        if m.kind == "base":
+    for name, _, _ in registry.names():
+        m = registry.models.get(name)
+        alias = registry.aliases.get(name)
+        if alias is not None:
+            m = registry.models[alias.targets[0][0]] if alias.targets else None
+        if m is None or m.kind == "base":
             continue
-        loaded = [r.name for r in registry.groups[m.engine] if m.name in r.loaded or m.kind == "merged"]
-        rows.append(
-            {
-                "name": m.name,
-                "kind": m.kind,
-                "base": m.base,
-                "path": str(m.path) if m.path else None,
-                "loaded_on": loaded,
-            }
-        )
+        versions = [v for v, _ in alias.targets] if alias else [m.name]
+        loaded = [r.name for r in registry.groups[m.engine] if m.kind == "merged" or set(versions) & r.loaded]
+        rows.append({"name": name, "kind": m.kind, "base": m.base, "path": str(m.path) if m.path else None,
+                     "versions": versions, "loaded_on": loaded})  # fmt: skip
     return {"adapters": rows}
 
 

@@ -111,8 +111,7 @@ class Gateway:
                 reg.add_adapter(v.id, Path(v.path), v.base)
         for a in aliases:
             targets = [(t["version"], float(t["weight"])) for t in a.targets]
-            plain = a.name in reg.models  # registered here with POST /admin/adapters: served as it is until a restart
-            if plain or not all(v in reg.models for v, _ in targets):
+            if a.name in reg.models or not all(v in reg.models for v, _ in targets):  # a base or merged model
                 continue
             current = reg.aliases.get(a.name)
             if current is None or current.targets != targets:

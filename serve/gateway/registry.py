@@ -22,6 +22,7 @@ import httpx
 from serve.config import ServeConfig, merged_group
 from serve.gateway.metrics import Metrics
 from serve.gateway.protocol import ApiError
+from serve.store.store import version_id
 
 log = logging.getLogger("lorafleet.serve")
 
@@ -48,6 +49,11 @@ class Model:
     path: Path | None = None  # adapter folder (lora)
     created: int = field(default_factory=lambda: int(time.time()))
     inflight: int = 0  # admitted requests not yet finished: a version is unloaded only at 0
+
+    @property
+    def adapter(self) -> str:
+        """The adapter a version belongs to (`name@digest` -> `name`): the bounded label of its load metrics."""
+        return self.name.split("@", 1)[0]
 
 
 @dataclass
@@ -110,7 +116,7 @@ class Registry:
                 self.models[a.name] = Model(a.name, "merged", group, base=a.base)
                 metrics.price.labels(group, a.name).set(base.price_usd_per_hour)
             elif a.name in adapter_paths:
-                self.models[a.name] = Model(a.name, "lora", base.name, base=a.base, path=adapter_paths[a.name])
+                self.add_named(a.name, adapter_paths[a.name], a.base)
         for replicas in self.groups.values():
             for r in replicas:
                 metrics.upstream_up.labels(r.name).set(0)
@@ -139,7 +145,7 @@ class Registry:
         replicas = self.groups[model.engine]
         if len(replicas) > 1:
             if model.kind == "lora":
-                order = {n: i for i, n in enumerate(rendezvous(model.name, [r.name for r in replicas]))}
+                order = {n: i for i, n in enumerate(rendezvous(model.adapter, [r.name for r in replicas]))}
                 replicas = sorted(replicas, key=lambda r: order[r.name])
             else:
                 replicas = sorted(replicas, key=lambda r: r.inflight)  # no affinity to keep: least busy first
@@ -151,6 +157,15 @@ class Registry:
         engine = self.cfg.engine_for(base)
         model = self.models[name] = Model(name, "lora", engine.name, base=base, path=path)
         return model
+
+    def add_named(self, name: str, path: Path, base: str, version: str | None = None) -> str:
+        """An adapter clients call `name`, served as the version its files are: the engine only ever hears the
+        content-named version, so new files under an old name can never be answered with the old weights."""
+        version = version or version_id(name, path)
+        if version not in self.models:
+            self.add_adapter(version, path, base)
+        self.set_alias(name, [(version, 1.0)], base)
+        return version
 
     # -- versions and aliases
 
@@ -223,17 +238,17 @@ class Registry:
         try:
             resp = await self.client.post(f"{replica.url}/v1/load_lora_adapter", json=body)
         except httpx.HTTPError:
-            self.metrics.adapter_loads.labels(model.name, "error").inc()
+            self.metrics.adapter_loads.labels(model.adapter, "error").inc()
             raise  # the caller fails over to another replica
         # After a gateway restart the engine may still hold it: vLLM then answers 400 "already been loaded".
         ok = resp.status_code == 200 or (resp.status_code == 400 and "already been loaded" in resp.text)
-        self.metrics.adapter_loads.labels(model.name, "ok" if ok else "error").inc()
+        self.metrics.adapter_loads.labels(model.adapter, "ok" if ok else "error").inc()
         if not ok:
             log.error("engine %s refused adapter %s: %s %s", replica.name, model.name, resp.status_code, resp.text)
             raise ApiError(
                 502, f"the engine could not load adapter {model.name!r}", "server_error", code="adapter_load_failed"
             )
-        self.metrics.adapter_load_seconds.labels(model.name).observe(time.perf_counter() - t0)
+        self.metrics.adapter_load_seconds.labels(model.adapter).observe(time.perf_counter() - t0)
         replica.loaded.add(model.name)
 
     def forget_loaded(self, replica: Replica, adapter: str) -> None:

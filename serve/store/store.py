@@ -57,6 +57,10 @@ def digest_folder(path: Path) -> str:
     return h.hexdigest()
 
 
+def version_id(adapter: str, path: Path) -> str:
+    return f"{adapter}@{digest_folder(path)[:12]}"
+
+
 def migrate(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))

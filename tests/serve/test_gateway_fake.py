@@ -124,7 +124,7 @@ def test_engine_down_gives_503_with_retry_after_then_adapters_come_back(gw, fake
     fresh = FakeEngine(port).start()  # a restarted engine holds no adapters
     try:
         assert post(gw, "acme", {"model": "tiny-a", "messages": MSG}).status_code == 200
-        assert "tiny-a" in fresh.state.loaded
+        assert "tiny-a" in adapters_in(fresh)
         assert wait_for(lambda: scrape(gw.url, "lorafleet_upstream_up", upstream="fake") == 1)
     finally:
         fresh.stop()
@@ -362,6 +362,32 @@ def test_admin_api_refuses_anything_but_the_admin_key(gw, key, method, path):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
+def adapters_in(engine) -> set[str]:
+    """The adapters an engine holds, by name (it knows each as `name@digest`)."""
+    return {n.split("@", 1)[0] for n in engine.state.loaded}
+
+
+def test_re_registering_a_name_with_new_files_never_serves_the_old_weights(gw, tiny_adapter_root, fake_engine):
+    import shutil
+
+    folder = tiny_adapter_root / "tiny-c"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(tiny_adapter_root / "tiny-a", folder)
+    body = {"name": "tiny-c", "path": "tiny-c", "base": "fake-base", "tenants": ["acme"]}
+    first = admin(gw, "POST", "/admin/adapters", json=body).json()["version"]
+    assert post(gw, "acme", {"model": "tiny-c", "messages": MSG}).status_code == 200
+    assert admin(gw, "DELETE", "/admin/adapters/tiny-c").status_code == 200
+    fake_engine.state.loaded.add(first)  # an engine that kept the old weights (vLLM evicts lazily)
+    (folder / "adapter_config.json").write_text((folder / "adapter_config.json").read_text() + " ")  # retrained
+
+    second = admin(gw, "POST", "/admin/adapters", json=body).json()["version"]
+    assert second != first
+    assert post(gw, "acme", {"model": "tiny-c", "messages": MSG}).status_code == 200
+    assert fake_engine.state.bodies[-1]["model"] == second  # the new files, under their own name
+    admin(gw, "DELETE", "/admin/adapters/tiny-c")
+    shutil.rmtree(folder)
+
+
 def test_register_use_and_delete_an_adapter(gw, tiny_adapter_root, fake_engine):
     import shutil
 
@@ -374,9 +400,11 @@ def test_register_use_and_delete_an_adapter(gw, tiny_adapter_root, fake_engine):
         json={"name": "tiny-b", "path": "tiny-b", "base": "fake-base", "tenants": ["globex"]},
     )
     assert r.status_code == 201, r.text
+    version = r.json()["version"]
+    assert version.startswith("tiny-b@")  # the engine hears the content-named version, never the bare name
     assert post(gw, "globex", {"model": "tiny-b", "messages": MSG}).status_code == 200
     assert post(gw, "acme", {"model": "tiny-b", "messages": MSG}).status_code == 404
-    assert "tiny-b" in fake_engine.state.loaded
+    assert version in fake_engine.state.loaded
     listed = admin(gw, "GET", "/admin/adapters").json()["adapters"]
     assert {"name": "tiny-b", "loaded_on": ["fake"]}.items() <= next(
         a for a in listed if a["name"] == "tiny-b"
@@ -385,7 +413,7 @@ def test_register_use_and_delete_an_adapter(gw, tiny_adapter_root, fake_engine):
     again = admin(gw, "POST", "/admin/adapters", json={"name": "tiny-b", "path": "tiny-b", "base": "fake-base"})
     assert again.status_code == 409
     assert admin(gw, "DELETE", "/admin/adapters/tiny-b").status_code == 200
-    assert "tiny-b" not in fake_engine.state.loaded  # unloaded from the engine
+    assert wait_for(lambda: version not in fake_engine.state.loaded)  # unloaded once its requests ended
     assert post(gw, "globex", {"model": "tiny-b", "messages": MSG}).status_code == 404
     assert admin(gw, "DELETE", "/admin/adapters/tiny-b").status_code == 404
     assert admin(gw, "DELETE", "/admin/adapters/fake-base").status_code == 400
