@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,7 @@ class Worker:
     def run_forever(self) -> None:
         while not self.stop.is_set():
             self.reap()
+            self.validate_waiting()
             job = self.store.claim_job(self.name)
             if job is None:
                 self.stop.wait(self.poll_s)
@@ -109,6 +111,62 @@ class Worker:
                 self.store.update_job(job.id, status="failed", error={"code": "worker_lost", "message": msg,
                                                                       "param": None})  # fmt: skip
                 self.store.event(job.id, msg, level="error")
+
+    # -- validating_files -> queued | failed
+
+    def validate_waiting(self) -> None:
+        for job in self.store.jobs_with_status("validating_files"):
+            self.validate(job)
+
+    def validate(self, job: JobRow) -> None:
+        """Read the job's files as the trainer and the scorer will, before it waits in the queue: a bad line fails
+        it now with every problem listed, not an hour later; the data checks' warnings become events."""
+        from lorafleet.core.errors import UserError
+
+        try:
+            warnings = self.check_files(job)
+        except UserError as e:
+            message, param = self.in_tenant_terms(job, str(e))
+            err = {"code": f"invalid_{param}", "message": message, "param": param}
+            if self.store.advance_job(job.id, "validating_files", "failed", error=err):
+                self.store.event(job.id, f"Fine-tuning job failed: {message}", level="error")
+            return
+        if self.store.advance_job(job.id, "validating_files", "queued"):
+            for w in warnings:
+                self.store.event(job.id, f"Data check: {w}", level="warn")
+            self.store.event(job.id, "Validated files; the job is queued")
+
+    def in_tenant_terms(self, job: JobRow, message: str) -> tuple[str, str]:
+        """A data error as the tenant knows its files: by file id and line, not by paths on this machine; and
+        the field (training_file or validation_file) it is about."""
+        lines = message.splitlines()
+        if lines and lines[0].startswith("task ") and lines[0].endswith("cannot be used:"):
+            lines[0] = "the files cannot be used:"
+        message, param = "\n".join(lines), "training_file"
+        for field in ("validation_file", "training_file"):
+            fid = getattr(job, field)
+            if fid and self.store.file(fid, job.tenant).path in message:
+                message, param = message.replace(self.store.file(fid, job.tenant).path, fid), field
+        return message, param
+
+    def check_files(self, job: JobRow) -> list[str]:
+        from train.tasks.files import load_task, read_lines
+
+        if job.validation_file is None:
+            read_lines(Path(self.store.file(job.training_file, job.tenant).path))
+            return []
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_task(self.task_file(job, Path(tmp)), allow_overlap=True).report.warnings
+
+    def task_file(self, job: JobRow, folder: Path, checks: dict | None = None) -> Path:
+        """The job's files as a task file: its train split, its validation file as the eval split, its scorer."""
+        spec = {"name": job.id, "train": self.store.file(job.training_file, job.tenant).path,
+                "eval": self.store.file(job.validation_file, job.tenant).path, "scorer": job.extra.get("scorer", "exact"),
+                "few_shot_k": 0} | ({"checks": checks} if checks else {})  # fmt: skip
+        (folder / "task.yaml").write_text(yaml.safe_dump(spec))
+        return folder / "task.yaml"
+
+    # -- queued -> running -> succeeded | failed | cancelled
 
     def run(self, job: JobRow) -> None:
         out = self.root / job.id
@@ -129,7 +187,9 @@ class Worker:
     # -- training, in a child process
 
     def train(self, job: JobRow, out: Path) -> dict:
-        shutil.rmtree(out, ignore_errors=True)
+        for old in [out, *out.parent.glob(f"{out.name}.ckpt-step-*")]:  # a retried job starts over
+            shutil.rmtree(old, ignore_errors=True)
+        self.store.clear_checkpoints(job.id)
         out.mkdir(parents=True)
         spec = out.parent / f"{job.id}.train.json"
         spec.write_text(json.dumps(train_config(job, self.store, self.cfg, out)))
@@ -163,6 +223,10 @@ class Worker:
             if step["step"] % every == 0 or step["step"] == step["steps"]:
                 self.store.event(job.id, f"Step {step['step']}/{step['steps']}: training loss={step['loss']:.4f}",
                                  data=step)  # fmt: skip
+            if "checkpoint" in step:
+                self.store.add_checkpoint(job.id, step["step"], Path(step["checkpoint"]),
+                                          {"step": step["step"], "train_loss": step["loss"]})  # fmt: skip
+                self.store.event(job.id, f"Checkpoint created at step {step['step']}")
 
     # -- evaluation and registration
 
@@ -177,9 +241,9 @@ class Worker:
                              f" (n={result['n']})", data={k: result[k] for k in ("accuracy", "base_accuracy", "n")})  # fmt: skip
         self.store.add_checkpoint(job.id, result["steps"], out, {"step": result["steps"],
                                                                  "train_loss": result["final_train_loss"]})  # fmt: skip
-        version = self.store.add_version(name, out, job.model, owner=job.tenant, source=job.id, meta=result)
-        self.store.set_alias(name, [{"version": version.id, "weight": 1.0}], [job.tenant])
-        self.store.grant(name, [job.tenant])
+        version = self.register(job, name, out, result)
+        for c in self.store.checkpoints(job.id):  # each callable as `…:ckpt-step-N`, as on OpenAI
+            self.register(job, f"{name}:ckpt-step-{c.step}", Path(c.path), c.metrics)
         data = json.dumps(result, indent=2).encode()
         results = self.store.add_file(job.tenant, "fine-tune-results", f"{job.id}-results.json", data,
                                       data_dir() / "files" / job.tenant, 1)  # fmt: skip
@@ -189,19 +253,23 @@ class Worker:
         self.promote(job, version.id, result)
         self.store.event(job.id, "The job has successfully completed")
 
+    def register(self, job: JobRow, name: str, folder: Path, meta: dict):
+        """A new version under `name`, granted only to the job's tenant."""
+        version = self.store.add_version(name, folder, job.model, owner=job.tenant, source=job.id, meta=meta)
+        self.store.set_alias(name, [{"version": version.id, "weight": 1.0}], [job.tenant])
+        self.store.grant(name, [job.tenant])
+        return version
+
     def evaluate(self, job: JobRow, out: Path) -> dict:
         """Accuracy of the adapter and of the base on the validation file, scored by the job's scorer."""
         from train.evaluate import evaluate_offline
 
         task_dir = out.parent / f"{job.id}-task"
         task_dir.mkdir(exist_ok=True)
-        spec = {"name": job.id, "train": self.store.file(job.training_file, job.tenant).path,
-                "eval": self.store.file(job.validation_file, job.tenant).path, "scorer": job.extra.get("scorer", "exact"),
-                "few_shot_k": 0, "checks": {"max_overlap": 1.0, "min_train": 1}}  # fmt: skip
-        (task_dir / "task.yaml").write_text(yaml.safe_dump(spec))
+        task = str(self.task_file(job, task_dir, {"max_overlap": 1.0, "min_train": 1}))  # checked at validation
         base = self.cfg.engine_for(job.model).model
-        mine = evaluate_offline(base, out, str(task_dir / "task.yaml"), n=200)
-        theirs = evaluate_offline(base, None, str(task_dir / "task.yaml"), n=200)
+        mine = evaluate_offline(base, out, task, n=200)
+        theirs = evaluate_offline(base, None, task, n=200)
         return {"accuracy": mine["accuracy"], "base_accuracy": theirs["accuracy"], "n": mine["n"],
                 "gain": mine["accuracy"] - theirs["accuracy"]}  # fmt: skip
 
@@ -229,7 +297,9 @@ def _train_child(spec: Path) -> int:
     from train.trainer import train
 
     cfg = load_train_config(None, json.loads(spec.read_text()))
-    train(cfg, log=lambda m: print(m, flush=True), on_step=lambda s: print("@step " + json.dumps(s), flush=True))
+    out = Path(cfg.output_dir)
+    train(cfg, log=lambda m: print(m, flush=True), on_step=lambda s: print("@step " + json.dumps(s), flush=True),
+          epoch_dir=lambda step: out.with_name(f"{out.name}.ckpt-step-{step}"))  # fmt: skip
     return 0
 
 

@@ -64,12 +64,15 @@ def train(
     log: Callable[[str], None] = print,
     stop_after: int | None = None,
     on_step: Callable[[dict], None] | None = None,
+    epoch_dir: Callable[[int], Path] | None = None,
 ) -> Path:
     """Train one adapter; returns its folder. `stop_after` ends the run after that many steps with a checkpoint,
     as if interrupted: `resume=true` then continues it to the same weights as an uninterrupted run. `on_step` gets
-    {step, steps, loss, tokens, tokens_per_s} after every optimizer step (the fine-tuning worker's events)."""
+    {step, steps, loss, tokens, tokens_per_s} after every optimizer step (the fine-tuning worker's events).
+    With `epoch_dir(step)`, the adapter as it stands at the end of each epoch but the last is saved there too
+    (servable PEFT folders, like OpenAI's per-epoch checkpoints), and that step's `on_step` has its `checkpoint`."""
     run = setup(cfg, log)
-    run.on_step = on_step
+    run.on_step, run.epoch_dir = on_step, epoch_dir
     return run.fit(stop_after)
 
 
@@ -99,11 +102,14 @@ class Run:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.out = output_dir(cfg)
         self.lengths = [len(e.input_ids) for e in data.train]
-        self.steps = total_steps(len(epoch_batches(self.lengths, cfg, 0)), cfg)
+        n_batches = len(epoch_batches(self.lengths, cfg, 0))
+        self.steps = total_steps(n_batches, cfg)
+        self.steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
         self.opt, self.sched = build_optimizer(model, cfg, self.steps)
         self.amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
         self.setup_seconds = 0.0
         self.on_step: Callable[[dict], None] | None = None
+        self.epoch_dir: Callable[[int], Path] | None = None
         self._epoch, self._batches = -1, []
 
     def fit(self, stop_after: int | None = None) -> Path:
@@ -182,7 +188,8 @@ class Run:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{state.tokens / state.train_seconds:.0f}")
                 if self.on_step is not None:
                     self.on_step({"step": state.step, "steps": self.steps, "loss": round(loss, 5),
-                                  "tokens": state.tokens, "tokens_per_s": round(state.tokens / state.train_seconds, 1)})  # fmt: skip
+                                  "tokens": state.tokens, "tokens_per_s": round(state.tokens / state.train_seconds, 1),
+                                  **self.epoch_checkpoint(state)})  # fmt: skip
                 self.eval_and_save(state, bar)
         except KeyboardInterrupt:
             if self.cfg.save_every:
@@ -205,13 +212,24 @@ class Run:
     def save(self, state: State) -> None:
         save_checkpoint(self.out, self.model, self.opt, self.sched, state, self.cfg)
 
+    def epoch_checkpoint(self, state: State) -> dict:
+        """At an epoch's end (but the last step's, which is the adapter itself): save a servable copy."""
+        if self.epoch_dir is None or state.step % self.steps_per_epoch or state.step == self.steps:
+            return {}
+        path = self.epoch_dir(state.step)
+        self.save_adapter(path)
+        return {"checkpoint": str(path)}
+
+    def save_adapter(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.peft_config["default"].base_model_name_or_path = self.base_ref
+        # Never save embeddings: we do not train them, and "auto" would look the base id up on the HF hub.
+        self.model.save_pretrained(path, save_embedding_layers=False)
+
     def finish(self, state: State, wall: float) -> Path:
         """Save the adapter in PEFT format, check that vLLM would take it, and write the run report."""
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.model.peft_config["default"].base_model_name_or_path = self.base_ref
-        # Never save embeddings: we do not train them, and "auto" would look the base id up on the HF hub.
-        self.model.save_pretrained(self.out, save_embedding_layers=False)
+        self.save_adapter(self.out)
         check_adapter(self.out, base_model=str(self.base_path), max_rank=self.cfg.max_serving_rank)
         report = {
             "config": self.cfg.to_dict(),

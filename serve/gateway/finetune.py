@@ -188,7 +188,7 @@ def create_job(req: CreateJob, *, store: Store, cfg: ServeConfig, tenant: str) -
         tenant=tenant, model=req.model, training_file=req.training_file, validation_file=req.validation_file,
         suffix=req.suffix, seed=req.seed if req.seed is not None else 42, hyperparameters=hyper.model_dump(),
         extra={"scorer": req.scorer, "promote_if": req.promote_if.model_dump() if req.promote_if else None},
-        status="queued",
+        status="validating_files",  # a worker checks the data (lorafleet.worker.Worker.validate), then queues it
     )  # fmt: skip
     return job_object(row)
 
@@ -232,10 +232,12 @@ def cancel(store: Store, jid: str, tenant: str) -> dict:
         store.update_job(jid, cancel_requested=1)  # the worker stops on its next heartbeat (about a second)
         store.event(jid, "Cancellation requested")
         row = store.job(jid)
-    else:
-        row = store.update_job(jid, status="cancelled", cancel_requested=1)
+    elif store.advance_job(jid, row.status, "cancelled", cancel_requested=1):  # unless a worker took it meanwhile
         store.event(jid, "Fine-tuning job cancelled")
-    return job_object(row)
+    else:
+        store.update_job(jid, cancel_requested=1)
+        store.event(jid, "Cancellation requested")
+    return job_object(store.job(jid))
 
 
 def event_object(row: EventRow) -> dict:

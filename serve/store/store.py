@@ -17,7 +17,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -309,6 +309,11 @@ class Store:
             s.add(row)
             return row
 
+    def clear_checkpoints(self, jid: str) -> None:
+        """A retried job starts over: the checkpoints of its lost attempt are gone with their folders."""
+        with self.tx() as s:
+            s.execute(delete(CheckpointRow).where(CheckpointRow.job == jid))
+
     def checkpoints(self, jid: str) -> list[CheckpointRow]:
         with self.tx() as s:
             q = select(CheckpointRow).where(CheckpointRow.job == jid).order_by(CheckpointRow.step.desc())
@@ -331,6 +336,18 @@ class Store:
                 self.event(jid, f"Fine-tuning job started on worker {worker}")
                 return self.job(jid)
         return None
+
+    def jobs_with_status(self, status: str) -> list[JobRow]:
+        with self.tx() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.status == status).order_by(JobRow.created_at)))
+
+    def advance_job(self, jid: str, status: str, to: str, **fields: Any) -> bool:
+        """Move a job from `status` to `to` only if it is still in `status` (compare-and-set): of two workers,
+        or a worker and a cancel, exactly one wins."""
+        values = {"status": to, **fields} | ({"finished_at": now()} if to in TERMINAL else {})
+        with self.tx() as s:
+            return bool(s.execute(update(JobRow).where(JobRow.id == jid, JobRow.status == status).values(**values))
+                        .rowcount)  # fmt: skip
 
     def heartbeat(self, jid: str) -> bool:
         """Refresh a running job's heartbeat; False if it was cancelled meanwhile (the worker then stops)."""

@@ -38,10 +38,33 @@ def setup(tmp_path, monkeypatch):
     store.close()
 
 
-def job(cfg, store, train, valid=None, **extra):
+def job(cfg, store, train, valid=None, validate=True, **extra):
     body = {"model": "tiny-base", "training_file": train, "validation_file": valid, "suffix": "t",
             "hyperparameters": {"n_epochs": 1, "batch_size": 4}, **extra}  # fmt: skip
-    return create_job(CreateJob.model_validate(body), store=store, cfg=cfg, tenant="acme")["id"]
+    jid = create_job(CreateJob.model_validate(body), store=store, cfg=cfg, tenant="acme")["id"]
+    assert store.job(jid).status == "validating_files"
+    if validate:
+        Worker(store, cfg, name="validator").validate_waiting()
+    return jid
+
+
+def test_files_are_validated_before_the_job_is_queued(setup, tmp_path):
+    cfg, store, train, valid = setup
+    good = job(cfg, store, train, valid)
+    assert store.job(good).status == "queued"
+    warnings = [e.message for e in store.events(good, limit=50)[0] if e.level == "warn"]
+    # the data checks' advice reaches the tenant: 8 examples are far below the ~500 the article asks for
+    assert any("8 train examples" in m for m in warnings)
+    # a validation file the scorer cannot read fails the job now, naming the line, not after training
+    bad = store.add_file("acme", "fine-tune", "v.jsonl", (json.dumps({"messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": "not json"}]}) + "\n").encode(),
+        tmp_path / "files", 1).id  # fmt: skip
+    failed = job(cfg, store, train, bad, scorer="json")
+    row = store.job(failed)
+    assert row.status == "failed" and row.error["code"] == "invalid_validation_file"
+    assert row.error["param"] == "validation_file" and row.finished_at is not None
+    assert f"{bad}:1" in row.error["message"] and str(tmp_path) not in row.error["message"]  # its id, not our paths
+    assert store.claim_job("w").id == good  # only the valid job was queued
 
 
 def test_a_job_runs_to_a_registered_version_granted_to_its_tenant(setup):
@@ -64,6 +87,24 @@ def test_a_job_runs_to_a_registered_version_granted_to_its_tenant(setup):
     (results,) = done.result_files
     assert json.loads(open(store.file(results, "acme").path).read())["n"] == 4
     assert [c.step for c in store.checkpoints(jid)] == [2]
+    assert store.alias(f"{done.fine_tuned_model}:ckpt-step-2") is not None  # the final checkpoint is callable too
+
+
+def test_each_epoch_but_the_last_leaves_a_servable_checkpoint(setup):
+    cfg, store, train, _ = setup
+    jid = job(cfg, store, train, hyperparameters={"n_epochs": 3, "batch_size": 4})  # 2 steps per epoch
+    Worker(store, cfg, name="w1").run(store.claim_job("w1"))
+    done = store.job(jid)
+    assert done.status == "succeeded", done.error
+    ckpts = store.checkpoints(jid)
+    assert [c.step for c in ckpts] == [6, 4, 2]
+    for c in ckpts:
+        assert validate_adapter(c.path) == []
+        (v,) = store.versions(f"{done.fine_tuned_model}:ckpt-step-{c.step}")
+        assert v.owner == "acme" and f"{done.fine_tuned_model}:ckpt-step-{c.step}" in store.tenant_models()["acme"]
+    # different weights at each epoch: three different versions
+    assert len({store.versions(f"{done.fine_tuned_model}:ckpt-step-{c.step}")[0].digest for c in ckpts}) == 3
+    assert any(e.message == "Checkpoint created at step 4" for e in store.events(jid, limit=100)[0])
 
 
 def test_cancel_stops_a_running_job_within_seconds(setup):

@@ -45,7 +45,8 @@ def test_files_and_jobs_round_trip_with_the_openai_client(gw):
 
     job = c.fine_tuning.jobs.create(model="fake-base", training_file=f.id, suffix="tickets",
                                     hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 0.5})  # fmt: skip
-    assert job.status == "queued" and job.model == "fake-base" and job.training_file == f.id
+    # the data is read by a worker before the job waits in the queue (none runs here)
+    assert job.status == "validating_files" and job.model == "fake-base" and job.training_file == f.id
     assert job.hyperparameters.n_epochs == 2 and job.user_provided_suffix == "tickets"
     assert c.fine_tuning.jobs.retrieve(job.id).id == job.id
     assert [j.id for j in c.fine_tuning.jobs.list(limit=5).data] == [job.id]
@@ -137,6 +138,8 @@ def test_a_tenant_sees_only_its_own_files_and_jobs(gw):
             call(unknown)
         assert _error(a.value)["code"] == _error(b.value)["code"] == "not_found"
         assert _error(a.value)["message"].replace(known, "ID") == _error(b.value)["message"].replace(unknown, "ID")
-    assert acme.fine_tuning.jobs.retrieve(job.id).status == "queued"  # untouched by the other tenant's attempts
+    assert (
+        acme.fine_tuning.jobs.retrieve(job.id).status == "validating_files"
+    )  # untouched by the other tenant's attempts
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{gw.url}/v1", api_key="sk-wrong", max_retries=0).files.list()
