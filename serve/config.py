@@ -57,6 +57,12 @@ class GatewayConfig(Strict):
     )
     max_file_bytes: int = Field(50 << 20, gt=0, description="largest file POST /v1/files accepts (413 above)")
     store_poll_s: float = Field(1.0, gt=0, description="how often the store is read for models others registered")
+    redis_url: str | None = Field(
+        None,
+        description="redis://HOST:PORT/DB holding the tenants' limit windows, slots and budgets, shared by every "
+        "gateway replica; none = counted in this process (one gateway). Set, an unreachable Redis gives 503s, "
+        "never per-process limits",
+    )
 
     @field_validator("admin_key_hash", "metrics_key_hash")
     @classmethod

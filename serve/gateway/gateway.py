@@ -20,6 +20,7 @@ from serve.gateway.limits import Limiter
 from serve.gateway.metrics import Metrics
 from serve.gateway.proxy import Proxy
 from serve.gateway.registry import Registry
+from serve.gateway.shared_limits import RedisLimiter
 from serve.gateway.tenants import TenantStore, Usage
 from serve.store.schema import AliasRow, VersionRow
 from serve.store.store import Store
@@ -36,7 +37,8 @@ class Gateway:
         self.cfg = cfg
         self.metrics = Metrics()
         self.tenants = TenantStore(cfg.tenants)
-        self.limiter = Limiter()
+        g = cfg.gateway
+        self.limiter = Limiter() if g.redis_url is None else RedisLimiter(g.redis_url, lease_s=g.request_timeout_s)
         self.adapters_root = adapters_root(cfg)
         paths = configured_adapters(cfg) if adapter_paths is None else adapter_paths
         self.registry = Registry(cfg, self.metrics, paths)
@@ -122,6 +124,7 @@ class Gateway:
     async def _store_loop(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
+            await self.limiter.refresh(list(self.tenants.tenants))  # shared limits: counts for the reports
             try:
                 await asyncio.to_thread(self.write_usage, self.take_usage())
                 self.apply_store(*await asyncio.to_thread(self.read_store))  # registry changes on the loop only
@@ -143,6 +146,7 @@ class Gateway:
             trust_env=False,  # engines are local; a proxy from the environment must not sit in between
         )
         self.registry.client = self.client
+        await self.limiter.start()
         await self.registry.check_health(timeout=g.connect_timeout_s)
         self._tasks.append(asyncio.create_task(self.registry.health_loop(g.health_interval_s, g.connect_timeout_s)))
         self._tasks.append(asyncio.create_task(self._store_loop(g.store_poll_s)))
@@ -161,6 +165,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.flush_usage()  # nothing metered is lost at shutdown
+        await self.limiter.close()
         if self.client is not None:
             await self.client.aclose()
 

@@ -9,7 +9,8 @@ Budgets are $ per UTC day and per UTC calendar month, checked before a request s
 a tenant over budget gets no new request until the period resets, and the overshoot is at most the cost of the
 requests already running when the budget was reached.
 
-State lives in this process: several gateway replicas would need a shared store (Redis) to share limits.
+This limiter keeps its state in this process: right for one gateway. Several replicas share one count through
+Redis instead (`gateway.redis_url`, shared_limits.RedisLimiter, the same rules).
 """
 
 from __future__ import annotations
@@ -83,11 +84,48 @@ class Decision:
     limit: str | None = None  # rpm | tpm | concurrency | usd_per_day | usd_per_month when refused
     retry_after: float = 0.0
     message: str = ""
+    lease: str | None = None  # the admitted request's concurrency slot (shared limits), handed back on release
 
     @property
     def retry_after_header(self) -> str:
         # Retry-After takes whole seconds; rounding down would invite a retry that is refused again.
         return str(max(1, math.ceil(self.retry_after)))
+
+
+def budget_spent(period: str, budget: float, spent: float, when: datetime) -> Decision:
+    reset = next_reset(period, when)
+    message = (f"the {ADJECTIVE[period]} budget of ${budget:g} is spent (${spent:.6f}); it resets at "
+               f"{reset:%Y-%m-%dT%H:%M:%SZ}")  # fmt: skip
+    return Decision(False, PERIODS[period], (reset - when).total_seconds(), message)
+
+
+class Reports:
+    """What /metrics and /admin/tenants show, from a limiter's `usage` and `spend`."""
+
+    def usage(self, tenant: str) -> dict[str, int]:
+        raise NotImplementedError
+
+    def spend(self, tenant: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def utilization(self, tenant: str, limits: Limits) -> dict[str, float]:
+        """Share (0..1) of each per-minute limit used over the last minute; only limits that are set."""
+        used = self.usage(tenant)
+        out = {}
+        if limits.rpm:
+            out["rpm"] = min(1.0, used["rpm_used"] / limits.rpm)
+        if limits.tpm:
+            out["tpm"] = min(1.0, used["tpm_used"] / limits.tpm)
+        return out
+
+    def budget_utilization(self, tenant: str, limits: Limits) -> dict[str, float]:
+        """Share of each set budget spent in its current period; above 1 by the overshoot."""
+        spent = self.spend(tenant)
+        return {
+            period: spent[f"usd_this_{period}"] / getattr(limits, name)
+            for period, name in PERIODS.items()
+            if getattr(limits, name)
+        }
 
 
 @dataclass
@@ -98,7 +136,9 @@ class _State:
     spent: dict[str, tuple[str, float]] = field(default_factory=dict)  # period -> (its key, $ spent in it)
 
 
-class Limiter:
+class Limiter(Reports):
+    shared = False
+
     def __init__(self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         """`clock` times the per-minute windows; `wall` (epoch seconds) places spend in UTC days and months."""
         self.clock, self.wall = clock, wall
@@ -136,12 +176,7 @@ class Limiter:
             budget = getattr(limits, name)
             spent = self._spent(s, period, when)
             if budget is not None and spent >= budget:
-                reset = next_reset(period, when)
-                message = (
-                    f"the {ADJECTIVE[period]} budget of ${budget:g} is spent (${spent:.6f}); it resets at "
-                    f"{reset:%Y-%m-%dT%H:%M:%SZ}"
-                )
-                return Decision(False, name, (reset - when).total_seconds(), message)
+                return budget_spent(period, budget, spent, when)
         return None
 
     @staticmethod
@@ -149,7 +184,11 @@ class Limiter:
         key, usd = s.spent.get(period, ("", 0.0))
         return usd if key == period_of(period, when) else 0.0
 
-    def release(self, tenant: str, tokens: int = 0, cost_usd: float = 0.0) -> None:
+    async def acquire(self, tenant: str, limits: Limits) -> Decision:
+        """`admit`, as the proxy calls every limiter (the shared one asks Redis)."""
+        return self.admit(tenant, limits)
+
+    def release(self, tenant: str, tokens: int = 0, cost_usd: float = 0.0, lease: str | None = None) -> None:
         """End a request: give its concurrency slot back and charge its tokens and cost."""
         s = self._state(tenant)
         s.inflight = max(0, s.inflight - 1)
@@ -164,15 +203,6 @@ class Limiter:
         s, when = self._state(tenant), datetime.fromtimestamp(self.wall(), UTC)
         return {f"usd_this_{period}": round(self._spent(s, period, when), 9) for period in PERIODS}
 
-    def budget_utilization(self, tenant: str, limits: Limits) -> dict[str, float]:
-        """Share of each set budget spent in its current period; above 1 by the overshoot."""
-        spent = self.spend(tenant)
-        return {
-            period: spent[f"usd_this_{period}"] / getattr(limits, name)
-            for period, name in PERIODS.items()
-            if getattr(limits, name)
-        }
-
     def inflight(self, tenant: str) -> int:
         return self._state(tenant).inflight
 
@@ -180,12 +210,15 @@ class Limiter:
         now, s = self.clock(), self._state(tenant)
         return {"rpm_used": s.requests.used(now), "tpm_used": s.tokens.used(now), "inflight": s.inflight}
 
-    def utilization(self, tenant: str, limits: Limits) -> dict[str, float]:
-        """Share (0..1) of each per-minute limit used over the last minute; only limits that are set."""
-        used = self.usage(tenant)
-        out = {}
-        if limits.rpm:
-            out["rpm"] = min(1.0, used["rpm_used"] / limits.rpm)
-        if limits.tpm:
-            out["tpm"] = min(1.0, used["tpm_used"] / limits.tpm)
-        return out
+    async def start(self) -> None:
+        pass
+
+    async def refresh(self, tenants: list[str]) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def health(self) -> dict:
+        return {"backend": "local", "shared": False,
+                "note": "limits are counted in this gateway process only; set gateway.redis_url to share them"}  # fmt: skip

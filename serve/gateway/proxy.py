@@ -53,6 +53,7 @@ class Context:
     request: ProxyRequest
     t0: float
     label: str = ""  # the `model` label of its metrics: what the client sent (an alias, not its version)
+    lease: str | None = None  # its concurrency slot in the shared limits
     code: int = 0
     completed: bool = False
     client_gone: bool = False  # the client hung up before the answer ended
@@ -180,7 +181,7 @@ class Proxy:
                 # labelled as an unknown model: /metrics must not tell a prober which names exist
                 raise model_not_found(preq.model)
             model_label = preq.model
-            decision = self.limiter.admit(tenant.name, tenant.limits)
+            decision = await self.limiter.acquire(tenant.name, tenant.limits)
             if not decision.ok:
                 self.m.ratelimited.labels(tenant.name, decision.limit).inc()
                 if decision.limit.startswith("usd_"):
@@ -194,7 +195,8 @@ class Proxy:
         if model.name != preq.model:  # an alias: the engine knows the version by its own name
             preq.body = preq.for_engine(model.name)
             self.m.alias_requests.labels(preq.model, model.name).inc()
-        return ProxyResponse(self, Context(tenant, model, preq, time.perf_counter(), label=preq.model))
+        ctx = Context(tenant, model, preq, time.perf_counter(), label=preq.model, lease=decision.lease)
+        return ProxyResponse(self, ctx)
 
     # -- the exchange with an engine
 
@@ -291,7 +293,7 @@ class Proxy:
             if prompt or completion
             else 0.0
         )
-        self.limiter.release(tenant, prompt + completion, cost)
+        self.limiter.release(tenant, prompt + completion, cost, ctx.lease)
         if ctx.replica is not None:
             ctx.replica.inflight -= 1
         m.inflight.labels(tenant).dec()

@@ -69,12 +69,15 @@ def _replica_names(registry: Registry) -> list[str]:
 
 
 @router.get("/health")
-async def health(registry: RegistryDep, operator: OperatorDep) -> dict:
-    """Anyone learns that the gateway is up; only the metrics or admin key learns which engines are."""
+async def health(registry: RegistryDep, limiter: LimiterDep, operator: OperatorDep) -> dict:
+    """Anyone learns that the gateway is up (`degraded` while its shared limit store is away: it then refuses
+    requests with 503); only the metrics or admin key learns which engines are, and where limits are counted."""
+    limits = limiter.health()
+    status = "degraded" if limits["shared"] and not limits["up"] else "ok"
     if not operator:
-        return {"status": "ok"}
+        return {"status": status}
     replicas = [r for rs in registry.groups.values() for r in rs]
-    return {"status": "ok", "upstreams": {r.name: bool(r.up) for r in replicas}}
+    return {"status": status, "upstreams": {r.name: bool(r.up) for r in replicas}, "limits": limits}
 
 
 @router.get("/metrics", dependencies=[MetricsKeyDep])

@@ -180,7 +180,8 @@ def test_engine_killed_mid_stream_then_back_without_a_gateway_restart(tiny_adapt
         assert down.status_code == 503 and down.headers["retry-after"] == "5"
         assert_error_json(down.content, "engine_unavailable")
         detail = httpx.get(f"{server.url}/health", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
-        assert detail == {"status": "ok", "upstreams": {"fake": False}}
+        assert detail["status"] == "ok" and detail["upstreams"] == {"fake": False}
+        assert detail["limits"]["backend"] == "local" and not detail["limits"]["shared"]  # and says so
 
         engine = EngineProcess(port, token_delay=0.0)  # the engine is back, empty: no adapter loaded
         # the gateway notices (health checks) and loads the adapter back before anyone asks for it
