@@ -57,6 +57,12 @@ class GatewayConfig(Strict):
     )
     max_file_bytes: int = Field(50 << 20, gt=0, description="largest file POST /v1/files accepts (413 above)")
     store_poll_s: float = Field(1.0, gt=0, description="how often the store is read for models others registered")
+    placement: Literal["bounded", "pinned"] = Field(
+        "bounded",
+        description="adapters over an engine's replicas: bounded = each on its own replica until that one carries "
+        "more than load_factor x the mean load, then spilled to the next in its ranking; pinned = always its own",
+    )
+    load_factor: float = Field(1.25, gt=1, description="bounded placement: how far above the mean a replica may go")
     redis_url: str | None = Field(
         None,
         description="redis://HOST:PORT/DB holding the tenants' limit windows, slots and budgets, shared by every "
@@ -86,6 +92,11 @@ class EngineConfig(Strict):
     port: int = Field(8001, gt=0, lt=65536, description="port of the first replica; replica i uses port + i")
     replicas: int = Field(1, gt=0, le=16, description="vLLM processes serving this model")
     urls: list[str] = Field([], description="engines already running elsewhere: route to these, start nothing")
+    dns: str | None = Field(
+        None,
+        description="HOST:PORT whose addresses are the replicas (a Kubernetes headless Service): re-resolved every "
+        "health_interval_s, so replicas join and leave without a gateway restart; start nothing",
+    )
     enable_lora: bool = True
     max_lora_rank: int = Field(16, description=f"vLLM --max-lora-rank, one of {LORA_RANKS}")
     max_loras: int = Field(4, gt=0, description="distinct adapters in one batch (vLLM --max-loras)")
@@ -125,12 +136,22 @@ class EngineConfig(Strict):
     def public_name(self) -> str:
         return self.served_name or Path(self.model).name
 
+    @field_validator("dns")
+    @classmethod
+    def _dns(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[A-Za-z0-9.-]+:\d{1,5}$", v):
+            raise ValueError(f"{v!r} must be HOST:PORT, e.g. lorafleet-engine-smollm2-headless:8000")
+        return v
+
     @property
     def managed(self) -> bool:
-        """Whether lorafleet starts this engine's processes (else they run elsewhere, at `urls`)."""
-        return not self.urls
+        """Whether lorafleet starts this engine's processes (else they run elsewhere, at `urls` or `dns`)."""
+        return not self.urls and self.dns is None
 
     def replica_urls(self) -> list[str]:
+        """Where the replicas answer (with `dns`: none until the gateway resolves it)."""
+        if self.dns is not None:
+            return []
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # listening on all: reach it locally
         return list(self.urls) or [f"http://{host}:{self.port + i}" for i in range(self.replicas)]
 
@@ -144,9 +165,18 @@ class AdapterConfig(Strict):
     path: str = Field(description="adapter folder, relative to the adapters root (or absolute inside it)")
     base: str = Field(description="served name of the base model it was trained on")
     mode: Literal["lora", "merged"] = Field("lora", description="lora: hot-loaded; merged: own engine, base speed")
-    port: int | None = Field(None, gt=0, lt=65536, description="merged only: port of its own engine")
+    port: int | None = Field(None, gt=0, lt=65536, description="merged only: port of its own engine (replica i: +i)")
+    replicas: int = Field(1, gt=0, le=16, description="merged only: engine processes lorafleet runs for it")
     url: str | None = Field(None, description="merged only: its engine runs elsewhere, at this root URL")
     optional: bool = Field(False, description="skip it (with a warning) when its folder does not exist")
+
+    def replica_urls(self) -> list[str]:
+        """merged: where its engines answer."""
+        return [self.url] if self.url else [f"http://127.0.0.1:{self.port + i}" for i in range(self.replicas)]
+
+    def replica_names(self) -> list[str]:
+        group = merged_group(self.name)
+        return [group] if len(self.replica_urls()) == 1 else [f"{group}-{i}" for i in range(self.replicas)]
 
 
 class Limits(Strict):
@@ -214,12 +244,16 @@ def _cross_check(cfg: ServeConfig) -> list[str]:
             seen.setdefault(value, where)
 
     dupes("name", [(f"engines[{i}].name", e.name) for i, e in enumerate(cfg.engines)])
+    for i, e in enumerate(cfg.engines):
+        if e.dns is not None and e.urls:
+            problems.append(f"engines[{i}]: give urls or dns, not both")
     models = [(f"engines[{i}].served_name", e.public_name) for i, e in enumerate(cfg.engines)]
     dupes("model name", models + [(f"adapters[{i}].name", a.name) for i, a in enumerate(cfg.adapters)])
     ports = [
         (f"engines[{i}].port", e.port + r) for i, e in enumerate(cfg.engines) if e.managed for r in range(e.replicas)
     ]
-    ports += [(f"adapters[{i}].port", a.port) for i, a in enumerate(cfg.adapters) if a.port is not None]
+    ports += [(f"adapters[{i}].port", a.port + r) for i, a in enumerate(cfg.adapters) if a.port is not None
+              for r in range(a.replicas)]  # fmt: skip
     dupes("port", ports + [("gateway.port", cfg.gateway.port)])
     dupes("tenant name", [(f"tenants[{i}].name", t.name) for i, t in enumerate(cfg.tenants)])
     keys = [
@@ -241,8 +275,10 @@ def _cross_check(cfg: ServeConfig) -> list[str]:
             problems.append(f"adapters[{i}].base: engine {engine.name!r} has enable_lora: false")
         if a.mode == "merged" and (a.port is None) == (a.url is None):
             problems.append(f"adapters[{i}]: a merged adapter needs exactly one of port (lorafleet starts it) or url")
-        if a.mode == "lora" and (a.port is not None or a.url is not None):
-            problems.append(f"adapters[{i}]: port/url only apply to mode: merged")
+        if a.mode == "lora" and (a.port is not None or a.url is not None or a.replicas != 1):
+            problems.append(f"adapters[{i}]: port/url/replicas only apply to mode: merged")
+        if a.url is not None and a.replicas != 1:
+            problems.append(f"adapters[{i}].replicas: lorafleet starts replicas only with port; one url is one engine")
     known = set(cfg.model_names())
     for i, t in enumerate(cfg.tenants):
         for j, m in enumerate(t.models):

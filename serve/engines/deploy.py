@@ -193,19 +193,24 @@ def engine_specs(cfg: ServeConfig, gpus: int | None = None) -> dict[str, EngineS
             shares.append(e.gpu_memory_utilization)
     for a in cfg.adapters:
         if a.mode == "merged" and a.port is not None:
-            base = cfg.engine_for(a.base)
-            specs[merged_group(a.name)] = EngineSpec(
-                name=merged_group(a.name),
-                model=ensure_merged(cfg, a),
-                port=a.port,
-                served_name=a.name,
-                enable_lora=False,
-                max_model_len=base.max_model_len,
-                kv_cache_gib=base.kv_cache_gib,
-                dtype=engine_dtype(base, gpus),
-                extra_args=list(base.extra_args),
-            )
-            shares.append(base.gpu_memory_utilization)
+            base, model = cfg.engine_for(a.base), ensure_merged(cfg, a)
+            for i, name in enumerate(a.replica_names()):
+                specs[name] = _merged_spec(a, base, model, name, a.port + i, gpus)
+                shares.append(base.gpu_memory_utilization)
     if gpus:
         place_on_gpus(list(specs.values()), shares, gpus)
     return specs
+
+
+def _merged_spec(a: AdapterConfig, base: EngineConfig, model: Path, name: str, port: int, gpus: int) -> EngineSpec:
+    return EngineSpec(
+        name=name,
+        model=model,
+        port=port,
+        served_name=a.name,
+        enable_lora=False,
+        max_model_len=base.max_model_len,
+        kv_cache_gib=base.kv_cache_gib,
+        dtype=engine_dtype(base, gpus),
+        extra_args=list(base.extra_args),
+    )

@@ -19,6 +19,7 @@ from serve.gateway.protocol import (
     CreateVersion,
     PointAlias,
     RegisterAdapter,
+    SetReplicas,
     bad_request,
     invalid_body,
 )
@@ -261,3 +262,28 @@ async def rollback_alias(name: str, *, registry: Registry, tenants: TenantStore,
         raise bad_request(f"alias {name!r} has no earlier target to roll back to", code="no_history")
     req = PointAlias(targets=past[-2].targets, tenants=row.tenants)
     return await point_alias(name, req, registry=registry, tenants=tenants, store=store)
+
+
+# -- engine replicas
+
+
+def engines_report(registry: Registry) -> dict:
+    """Each engine group's replicas: up, load (ours and the engine's own count), adapters held."""
+    return {"engines": [{"name": name, "replicas": [
+        {"name": r.name, "url": r.url, "up": r.up, "inflight": r.inflight, "load": r.load,
+         "engine_load": r.engine_load, "adapters": sorted(r.loaded)} for r in replicas]}
+        for name, replicas in registry.groups.items()]}  # fmt: skip
+
+
+def set_replicas(name: str, req: SetReplicas, *, cfg: ServeConfig, registry: Registry) -> None:
+    """Route an engine that runs elsewhere to these replicas from now on (this gateway; a fleet of gateways
+    follows a headless Service with `dns:` instead)."""
+    engine = next((e for e in cfg.engines if e.name == name), None)
+    if engine is None:
+        raise ApiError(404, f"no engine {name!r}; engines: {sorted(e.name for e in cfg.engines)}", code="not_found")
+    if engine.managed:
+        raise bad_request(f"engine {name!r} is started by this gateway; change its replicas in the config",
+                          param="name")  # fmt: skip
+    if engine.dns is not None:
+        raise bad_request(f"engine {name!r} follows {engine.dns} (dns); scale that instead", param="name")
+    registry.set_replicas(name, list(dict.fromkeys(req.urls)))

@@ -147,6 +147,7 @@ class Gateway:
         )
         self.registry.client = self.client
         await self.limiter.start()
+        await self.registry.discover()
         await self.registry.check_health(timeout=g.connect_timeout_s)
         self._tasks.append(asyncio.create_task(self.registry.health_loop(g.health_interval_s, g.connect_timeout_s)))
         self._tasks.append(asyncio.create_task(self._store_loop(g.store_poll_s)))

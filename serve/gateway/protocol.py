@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from serve.config import Name
@@ -199,6 +199,15 @@ class RegisterAdapter(BaseModel):
     path: str = Field(description="adapter folder, relative to the adapters root (or absolute inside it)")
     base: str = Field(description="served name of the base model")
     tenants: list[str] = Field([], description="tenants that may use it (besides those allowed '*')")
+
+
+class SetReplicas(BaseModel):
+    """Body of PUT /admin/engines/{name}/replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+    urls: list[Annotated[str, StringConstraints(pattern=r"^https?://[^/\s]+$")]] = Field(
+        min_length=1, max_length=64, description="engine roots like http://10.0.0.7:8000 (no path)"
+    )
 
 
 # -- request bodies as the OpenAPI schema documents them (GET /openapi.json)

@@ -236,6 +236,7 @@ class Proxy:
                     reg.mark(replica, True)
                 ctx.replica = replica
                 replica.inflight += 1
+                reg.touch(replica, ctx.model)
                 return resp
         raise unavailable(f"no engine for {ctx.model.name!r} is reachable; retry shortly", self.settings.retry_after_s)
 

@@ -2,8 +2,13 @@
 
 A model name is a base model (served by an engine group), a LoRA adapter (hot-loaded into its base model's
 engines through vLLM's /v1/load_lora_adapter) or a merged adapter (its own engine, LoRA off). With several
-replicas of one base model, rendezvous hashing keeps each adapter on a stable replica, so it is loaded once
-rather than everywhere, and only the adapters of a lost replica move when one goes down.
+replicas of one base model, placement is bounded-load consistent hashing (Mirrokni, Thorup, Zadimoghaddam 2018):
+rendezvous hashing ranks the replicas for each adapter, so it is loaded once rather than everywhere and only the
+adapters of a lost replica move when one goes down; but a request skips a replica that already carries more than
+`load_factor` times the group's mean load, to the next in the adapter's own ranking, so a hot adapter spills
+onto a second replica (always the same one) instead of queueing behind one. Load is this gateway's requests in
+flight plus what other gateways had there at the last scrape of the engine's own running/waiting counts. Each
+replica holds at most `max_cpu_loras` adapters: loading one more unloads the least recently used idle one.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import random
+import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +46,14 @@ class Replica:
     refused: bool = False  # the last failed health check was a refused connection (process gone)
     loaded: set[str] = field(default_factory=set)
     loading: dict[str, asyncio.Task] = field(default_factory=dict)
+    used: dict[str, float] = field(default_factory=dict)  # adapter -> when a request last went to it here (LRU)
+    engine_load: int = 0  # running + waiting requests the engine reported at its last scrape (all gateways')
+    inflight_at_scrape: int = 0  # ours among them
+
+    @property
+    def load(self) -> int:
+        """Requests on this replica: ours now, plus the other gateways' at the last scrape."""
+        return self.inflight + max(0, self.engine_load - self.inflight_at_scrape)
 
 
 @dataclass
@@ -82,6 +98,23 @@ def pick(alias: Alias, key: str | None) -> str:
     return alias.targets[-1][0]
 
 
+def bounded(ranked: list[Replica], load_factor: float) -> list[Replica]:
+    """`ranked` (an adapter's rendezvous order) with the first replica that stays under `load_factor` x the
+    mean load (counting this request) moved to the front; replicas known down are not candidates."""
+    up = [r for r in ranked if r.up is not False] or ranked
+    cap = math.ceil(load_factor * (sum(r.load for r in up) + 1) / len(up))
+    first = next((r for r in up if r.load + 1 <= cap), up[0])
+    return [first, *(r for r in ranked if r is not first)]
+
+
+ENGINE_LOAD = re.compile(r"^vllm:num_requests_(?:running|waiting)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
+
+
+def engine_load(metrics_text: str) -> int:
+    """Running + waiting requests in a vLLM /metrics page (summed over its engines)."""
+    return round(sum(float(v) for v in ENGINE_LOAD.findall(metrics_text)))
+
+
 def rendezvous(key: str, names: list[str]) -> list[str]:
     """`names` ordered by highest random weight for `key`: stable across processes and restarts, and removing
     one name only moves the keys that ranked it first."""
@@ -111,10 +144,11 @@ class Registry:
             base = cfg.engine_for(a.base)
             if a.mode == "merged":
                 group = merged_group(a.name)
-                url = a.url or f"http://127.0.0.1:{a.port}"
-                self.groups[group] = [Replica(group, url, group, a.url is None)]
+                self.groups[group] = [Replica(n, u, group, a.url is None)
+                                      for n, u in zip(a.replica_names(), a.replica_urls(), strict=True)]  # fmt: skip
                 self.models[a.name] = Model(a.name, "merged", group, base=a.base)
-                metrics.price.labels(group, a.name).set(base.price_usd_per_hour)
+                for n in a.replica_names():
+                    metrics.price.labels(n, a.name).set(base.price_usd_per_hour)
             elif a.name in adapter_paths:
                 self.add_named(a.name, adapter_paths[a.name], a.base)
         for replicas in self.groups.values():
@@ -147,9 +181,27 @@ class Registry:
             if model.kind == "lora":
                 order = {n: i for i, n in enumerate(rendezvous(model.adapter, [r.name for r in replicas]))}
                 replicas = sorted(replicas, key=lambda r: order[r.name])
+                if self.cfg.gateway.placement == "bounded":
+                    replicas = bounded(replicas, self.cfg.gateway.load_factor)
             else:
-                replicas = sorted(replicas, key=lambda r: r.inflight)  # no affinity to keep: least busy first
+                replicas = sorted(replicas, key=lambda r: r.load)  # no affinity to keep: least busy first
         return sorted(replicas, key=lambda r: r.up is False)
+
+    def set_replicas(self, engine: str, urls: list[str]) -> list[Replica]:
+        """Serve an engine group from these URLs from now on (replicas added or removed while running). Kept
+        replicas keep their state; requests already on a removed one finish there; its adapters move to the
+        next replica in their ranking on their next request."""
+        old = {r.url: r for r in self.groups[engine]}
+        replicas = []
+        for url in urls:
+            r = old.get(url) or Replica(f"{engine}@{url.split('://', 1)[-1]}", url, engine, managed=False)
+            if url not in old:
+                self.metrics.upstream_up.labels(r.name).set(0)
+            replicas.append(r)
+        for gone in set(old) - set(urls):
+            log.info("engine %s: replica %s removed", engine, old[gone].name)
+        self.groups[engine] = replicas
+        return replicas
 
     # -- runtime registration
 
@@ -232,7 +284,32 @@ class Registry:
         # shield: a waiter whose client went away must not cancel the load the others wait for
         await asyncio.shield(task)
 
+    def touch(self, replica: Replica, model: Model) -> None:
+        if model.kind == "lora":
+            replica.used[model.name] = time.monotonic()
+
+    async def _evict_for(self, model: Model, replica: Replica) -> None:
+        """Make room for one more adapter: unload the least recently used one no request is using."""
+        engine = self.cfg.engine_for(model.base) if model.base else None
+        room = (engine.max_cpu_loras or max(engine.max_loras, 8)) if engine else None
+        if room is None or len(replica.loaded) < room:
+            return
+        idle = [n for n in replica.loaded if (m := self.models.get(n)) is None or m.inflight == 0]
+        if not idle:
+            return  # all busy: vLLM's own cache copes; the next load tries again
+        victim = min(idle, key=lambda n: replica.used.get(n, 0.0))
+        replica.loaded.discard(victim)
+        replica.used.pop(victim, None)
+        self.metrics.adapter_loads.labels(victim.split("@", 1)[0], "evicted").inc()
+        log.info("engine %s holds %d adapters (max_cpu_loras): unloading %s, the least recently used",
+                 replica.name, room, victim)  # fmt: skip
+        try:
+            await self.client.post(f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": victim})
+        except httpx.HTTPError as e:
+            log.warning("unloading %s from %s failed: %s", victim, replica.name, e)
+
     async def _load(self, model: Model, replica: Replica) -> None:
+        await self._evict_for(model, replica)
         t0 = time.perf_counter()
         body = {"lora_name": model.name, "lora_path": str(model.path)}
         try:
@@ -287,9 +364,13 @@ class Registry:
             log.warning("reloading %s into %s failed (%s); it will load on next use", model.name, replica.name, e)
 
     async def check_health(self, timeout: float) -> None:
-        async def one(r: Replica) -> None:
+        async def one(r: Replica, scrape: bool) -> None:
             try:
                 ok = (await self.client.get(f"{r.url}/health", timeout=timeout)).status_code == 200
+                if ok and scrape:  # the load other gateways put there, for placement
+                    inflight = r.inflight
+                    resp = await self.client.get(f"{r.url}/metrics", timeout=timeout)
+                    r.engine_load, r.inflight_at_scrape = engine_load(resp.text), inflight
             except httpx.TimeoutException:
                 ok = False  # busy, not necessarily gone
             except httpx.HTTPError:
@@ -302,11 +383,29 @@ class Registry:
                 if not r.managed:
                     self.replica_restarted(r.name)
 
-        await asyncio.gather(*(one(r) for rs in self.groups.values() for r in rs))
+        await asyncio.gather(*(one(r, len(rs) > 1) for rs in self.groups.values() for r in rs))
+
+    async def discover(self) -> None:
+        """Engines configured by `dns`: their replicas are the name's current addresses."""
+        loop = asyncio.get_running_loop()
+        for e in (e for e in self.cfg.engines if e.dns is not None):
+            host, port = e.dns.rsplit(":", 1)
+            try:
+                infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except OSError as err:  # keep routing to what we had: a DNS hiccup must not empty the group
+                log.warning("engine %s: resolving %s failed (%s); keeping %d replica(s)", e.name, e.dns, err,
+                            len(self.groups[e.name]))  # fmt: skip
+                continue
+            ips = sorted({info[4][0] for info in infos})
+            urls = [f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}" for ip in ips]
+            if urls != [r.url for r in self.groups[e.name]]:
+                log.info("engine %s: replicas %s (from %s)", e.name, urls, e.dns)
+                self.set_replicas(e.name, urls)
 
     async def health_loop(self, interval: float, timeout: float) -> None:
         while True:
             try:
+                await self.discover()
                 await self.check_health(timeout)
             except Exception:  # the loop must outlive any one bad check
                 log.exception("health check failed")

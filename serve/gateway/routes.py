@@ -27,7 +27,15 @@ from serve.gateway.deps import (
     TenantsDep,
     proxy_of,
 )
-from serve.gateway.protocol import ApiError, CreateVersion, PointAlias, model_card, model_not_found, openapi_body
+from serve.gateway.protocol import (
+    ApiError,
+    CreateVersion,
+    PointAlias,
+    SetReplicas,
+    model_card,
+    model_not_found,
+    openapi_body,
+)
 from serve.gateway.registry import Registry
 from serve.gateway.tenants import Tenant
 
@@ -162,6 +170,19 @@ async def get_alias(name: str, store: StoreDep) -> dict:
     if row is None:
         raise ApiError(404, f"no alias {name!r}", code="not_found")
     return await run_in_threadpool(admin.alias_object, row, store)
+
+
+@admin_router.get("/engines")
+async def engines(registry: RegistryDep) -> dict:
+    return admin.engines_report(registry)
+
+
+@admin_router.put("/engines/{name}/replicas")
+async def set_replicas(name: str, request: Request, registry: RegistryDep, cfg: ConfigDep) -> dict:
+    req = admin.parse_body(await request.body(), SetReplicas)
+    admin.set_replicas(name, req, cfg=cfg, registry=registry)
+    await registry.check_health(timeout=cfg.gateway.connect_timeout_s)  # new replicas get a state at once
+    return next(e for e in admin.engines_report(registry)["engines"] if e["name"] == name)
 
 
 @admin_router.get("/tenants")
