@@ -116,6 +116,11 @@ class EngineConfig(Strict):
     )
     price_usd_per_hour: float = Field(0.0, ge=0, description="what one replica costs to run")
     extra_args: list[str] = Field([], description="more vLLM server arguments")
+    cpu_bind: list[str] = Field(
+        [],
+        description="CPU hosts: the cores of each replica (vLLM's VLLM_CPU_OMP_THREADS_BIND, e.g. ['0-7', '8-15']), "
+        "so replicas on one machine do not share cores; default: vLLM's own choice for each",
+    )
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -247,6 +252,8 @@ def _cross_check(cfg: ServeConfig) -> list[str]:
     for i, e in enumerate(cfg.engines):
         if e.dns is not None and e.urls:
             problems.append(f"engines[{i}]: give urls or dns, not both")
+        if e.cpu_bind and len(e.cpu_bind) != e.replicas:
+            problems.append(f"engines[{i}].cpu_bind: one entry per replica ({e.replicas}), got {len(e.cpu_bind)}")
     models = [(f"engines[{i}].served_name", e.public_name) for i, e in enumerate(cfg.engines)]
     dupes("model name", models + [(f"adapters[{i}].name", a.name) for i, a in enumerate(cfg.adapters)])
     ports = [

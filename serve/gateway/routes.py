@@ -77,15 +77,16 @@ def _replica_names(registry: Registry) -> list[str]:
 
 
 @router.get("/health")
-async def health(registry: RegistryDep, limiter: LimiterDep, operator: OperatorDep) -> dict:
-    """Anyone learns that the gateway is up (`degraded` while its shared limit store is away: it then refuses
-    requests with 503); only the metrics or admin key learns which engines are, and where limits are counted."""
+async def health(registry: RegistryDep, limiter: LimiterDep, store: StoreDep, operator: OperatorDep) -> dict:
+    """Anyone learns that the gateway is up (`degraded` while its shared limits or its store are away: requests
+    that need them get 503); only the metrics or admin key learns which engines are, and where state lives."""
     limits = limiter.health()
-    status = "degraded" if limits["shared"] and not limits["up"] else "ok"
+    status = "degraded" if (limits["shared"] and not limits["up"]) or not store.up else "ok"
     if not operator:
         return {"status": status}
     replicas = [r for rs in registry.groups.values() for r in rs]
-    return {"status": status, "upstreams": {r.name: bool(r.up) for r in replicas}, "limits": limits}
+    return {"status": status, "upstreams": {r.name: bool(r.up) for r in replicas}, "limits": limits,
+            "store": {"backend": store.backend, "up": store.up}}  # fmt: skip
 
 
 @router.get("/metrics", dependencies=[MetricsKeyDep])

@@ -19,6 +19,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -42,6 +43,10 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 class StoreError(ValueError):
     """A write the store refuses (unknown version, bad split...); the message names what to fix."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The database cannot be reached (down, restarting, network): retry later; nothing was written."""
 
 
 def new_id(prefix: str) -> str:
@@ -80,7 +85,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
 
 class Store:
     def __init__(self, url: str):
-        self.url = url
+        self.url, self.up = url, True  # `up`: whether the last transaction reached the database
+        self.backend = "postgresql" if url.startswith("postgresql") else "sqlite"
         if url == "memory":  # one connection shared by every thread: the database lives as long as the process
             self.engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -88,7 +94,9 @@ class Store:
             self.engine = create_engine(url, connect_args={"check_same_thread": False})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
+            # pre-ping: a connection the server dropped (restart) is replaced, not handed out; connect_timeout: an
+            # unreachable server fails a request in seconds instead of hanging it
+            self.engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 3})
         migrate(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -102,8 +110,13 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        with self._session() as s, s.begin():
-            yield s
+        try:
+            with self._session() as s, s.begin():
+                yield s
+        except (OperationalError, InterfaceError) as e:  # the connection, not the statement: retry later
+            self.up = False
+            raise StoreUnavailable(f"the state store ({self.backend}) is unreachable: {e.orig or e}") from None
+        self.up = True
 
     def close(self) -> None:
         self.engine.dispose()

@@ -365,9 +365,9 @@ def test_the_config_routes_to_the_engine_services_with_matching_vllm_arguments(s
     assert len(serve_config.engines) == len(of_kind(component(base, "engine"), "Deployment"))
     for e in serve_config.engines:
         assert not e.managed  # the gateway starts no vLLM process: the engine Deployments do
-        (url,) = e.replica_urls()
-        host, port = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", url).groups()
+        host, port = re.fullmatch(r"([a-z0-9-]+):(\d+)", e.dns).groups()  # every engine pod, by DNS
         service = services[host]
+        assert service["spec"]["clusterIP"] == "None"  # headless: one address per pod, not one load-balanced IP
         assert int(port) in [p["port"] for p in service["spec"]["ports"]]
         (d,) = [
             d for d in deployments if selects(service["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])

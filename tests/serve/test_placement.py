@@ -201,3 +201,47 @@ def test_merged_adapters_get_replicas_like_base_models():
     with pytest.raises(Exception, match="port/url/replicas only apply to mode: merged"):
         parse_config({"engines": [{"name": "e", "model": "m", "served_name": "base", "urls": ["http://127.0.0.1:1"]}],
                       "adapters": [{"name": "x", "path": "x", "base": "base", "replicas": 2}]})  # fmt: skip
+
+
+class Dropper:
+    """An engine that dies under every request: /health answers, a POST gets its connection closed unanswered
+    (what a replica killed mid-request, or a dropped kept-alive connection, looks like to the gateway)."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.dropped = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                head = conn.recv(65536)
+                if head.startswith(b"GET"):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                else:
+                    self.dropped += 1  # closed without a byte of answer
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+def test_a_replica_that_closes_the_connection_unanswered_fails_over(fake_engine):
+    dropper = Dropper()
+    engine = {"name": "fake", "model": TINY, "served_name": "fake-base", "urls": [dropper.url, fake_engine.url]}
+    gw = ServerThread(create_app(config([engine], [tenant("acme", ["*"])])), port=free_port()).start()
+    try:
+        r = _chat(gw, "fake-base")
+        assert r.status_code == 200 and fake_engine.state.requests == 1
+        assert dropper.dropped == 2  # tried first (twice: once more on a fresh connection); the client never knew
+    finally:
+        gw.stop()
+        dropper.stop()

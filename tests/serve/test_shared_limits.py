@@ -12,11 +12,11 @@ import httpx
 import pytest
 
 from lorafleet.core.net import free_port
+from lorafleet.services import RedisServer
 from serve.config import Limits
 from serve.gateway.app import ServerThread, create_app
 from serve.gateway.protocol import ApiError
 from serve.gateway.shared_limits import RedisLimiter
-from tests.redis_server import RedisServer
 from tests.serve.conftest import ADMIN_KEY, KEYS, config, tenant
 
 MSG = [{"role": "user", "content": "hello there"}]
