@@ -65,6 +65,18 @@ class Metrics:
         self.price = Gauge(
             "lorafleet_price_usd_per_hour", "What an engine costs to run", ["upstream", "model"], registry=r
         )
+        self.state_up = Gauge(
+            "lorafleet_state_up",
+            "1 if the state this gateway depends on answered last time: part=store (its database), part=limits "
+            "(the shared-limits Redis, only when configured)",
+            ["part"],
+            registry=r,
+        )
+
+    def refresh_state(self, store_up: bool, limits: dict) -> None:
+        self.state_up.labels("store").set(1 if store_up else 0)
+        if limits["shared"]:
+            self.state_up.labels("limits").set(1 if limits["up"] else 0)
 
     def refresh_quota(self, tenants: TenantStore, limiter: Limiter) -> None:
         """Per-minute utilization decays with time, and budgets reset at midnight, not with requests: compute

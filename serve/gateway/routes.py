@@ -90,8 +90,9 @@ async def health(registry: RegistryDep, limiter: LimiterDep, store: StoreDep, op
 
 
 @router.get("/metrics", dependencies=[MetricsKeyDep])
-async def metrics(m: MetricsDep, tenants: TenantsDep, limiter: LimiterDep) -> Response:
+async def metrics(m: MetricsDep, tenants: TenantsDep, limiter: LimiterDep, store: StoreDep) -> Response:
     m.refresh_quota(tenants, limiter)
+    m.refresh_state(store.up, limiter.health())
     return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -60,6 +60,8 @@ class GatewayMetrics:
         self.quota = Gauge("lorafleet_quota_utilization", "quota", ["tenant", "limit"], registry=r)
         self.budget = Gauge("lorafleet_budget_utilization", "budget", ["tenant", "period"], registry=r)
         self.price = Gauge("lorafleet_price_usd_per_hour", "price", ["upstream", "model"], registry=r)
+        self.state_up = Gauge("lorafleet_state_up", "state up", ["part"], registry=r)
+        self.state_up.labels("store").set(1)
         for upstream, (_, models, usd_per_hour) in UPSTREAMS.items():
             self.upstream_up.labels(upstream).set(1)
             for model in models:

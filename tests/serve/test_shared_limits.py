@@ -17,7 +17,7 @@ from serve.config import Limits
 from serve.gateway.app import ServerThread, create_app
 from serve.gateway.protocol import ApiError
 from serve.gateway.shared_limits import RedisLimiter
-from tests.serve.conftest import ADMIN_KEY, KEYS, config, tenant
+from tests.serve.conftest import ADMIN_KEY, KEYS, config, scrape, tenant
 
 MSG = [{"role": "user", "content": "hello there"}]
 
@@ -174,6 +174,7 @@ def test_a_gateway_whose_redis_goes_away_says_so_and_comes_back(fake_engine, tmp
         assert down.status_code == 503 and down.headers["retry-after"] == "2"
         assert down.json()["error"]["code"] == "limits_unavailable"  # never per-process limits instead
         assert httpx.get(f"{gw.url}/health").json() == {"status": "degraded"}
+        assert scrape(gw.url, "lorafleet_state_up", part="limits") == 0
         server.start()
         assert _chat(gw).status_code == 200  # recovered by itself
         assert httpx.get(f"{gw.url}/health").json() == {"status": "ok"}

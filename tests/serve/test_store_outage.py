@@ -14,7 +14,7 @@ from lorafleet.core.net import free_port
 from lorafleet.services import PostgresServer
 from serve.gateway.app import ServerThread, create_app
 from tests.conftest import MODELS
-from tests.serve.conftest import ADMIN_KEY, KEYS, config, tenant
+from tests.serve.conftest import ADMIN_KEY, KEYS, config, scrape, tenant
 from tests.serve.fake_engine import wait_for
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -53,10 +53,12 @@ def test_postgresql_away_gives_503s_where_needed_and_loses_no_usage(fake_engine)
         assert wait_for(lambda: httpx.get(f"{gw.url}/health").json() == {"status": "degraded"})
         detail = httpx.get(f"{gw.url}/health", headers=ADMIN).json()
         assert detail["store"] == {"backend": "postgresql", "up": False}
+        assert scrape(gw.url, "lorafleet_state_up", part="store") == 0  # LorafleetStateDown pages after a minute
 
         pg.start()  # same data, same port
         assert wait_for(lambda: httpx.get(f"{gw.url}/health").json() == {"status": "ok"}, timeout=20)
         assert httpx.get(f"{gw.url}/v1/files", headers=ACME).status_code == 200
+        assert scrape(gw.url, "lorafleet_state_up", part="store") == 1
     finally:
         gw.stop()
     # what was metered while the database was away reached the ledger: a new gateway bills all 4 requests
