@@ -203,51 +203,62 @@ class Proxy:
     async def open(self, ctx: Context) -> httpx.Response:
         """Send the request to the first replica that takes it; fail over on connection errors (nothing has
         been sent to the client yet). Raises ApiError 503 when no replica is reachable."""
-        reg, client = self.registry, self.get_client()
-        url_path = PATHS[ctx.request.kind]
+        reg = self.registry
         for replica in reg.route(ctx.model):
-            for attempt in range(2):
-                try:
-                    await reg.ensure_loaded(ctx.model, replica)
-                    req = client.build_request(
-                        "POST",
-                        replica.url + url_path,
-                        content=ctx.request.body,
-                        headers={"content-type": "application/json"},
-                    )
-                    resp = await client.send(req, stream=True)
-                except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                    log.warning("engine %s unreachable (%s); trying the next one", replica.name, e)
-                    reg.mark_unreachable(replica)
-                    break
-                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
-                    # It closed the connection before any answer: nothing reached the client and nothing was
-                    # generated for it. Once more on a fresh connection (a kept-alive one it dropped), then the
-                    # next replica (it died).
-                    log.warning("engine %s closed the connection unanswered (%s)", replica.name, e)
-                    if attempt == 0:
-                        continue
-                    reg.mark_unreachable(replica)
-                    break
-                except httpx.TimeoutException as e:
-                    raise ApiError(
-                        504, f"the engine did not answer in time ({e})", "server_error", code="timeout"
-                    ) from None
-                if resp.status_code == 404 and ctx.model.kind == "lora" and attempt == 0:
-                    # The engine lost the adapter (restarted behind our back): load it again, once.
-                    await resp.aclose()
-                    reg.forget_loaded(replica, ctx.model.name)
-                    continue
-                if resp.status_code == 503:
-                    await resp.aclose()
-                    break
-                if replica.up is not True:
-                    reg.mark(replica, True)
-                ctx.replica = replica
-                replica.inflight += 1
-                reg.touch(replica, ctx.model)
-                return resp
+            # Counted from the moment it is chosen, not when the engine answers: concurrent requests (waiting
+            # for an adapter load, say) must see each other for bounded-load placement to spread them.
+            replica.inflight += 1
+            try:
+                resp = await self._try(ctx, replica)
+            except BaseException:
+                replica.inflight -= 1
+                raise
+            if resp is None:
+                replica.inflight -= 1
+                continue
+            if replica.up is not True:
+                reg.mark(replica, True)
+            ctx.replica = replica
+            reg.touch(replica, ctx.model)
+            return resp
         raise unavailable(f"no engine for {ctx.model.name!r} is reachable; retry shortly", self.settings.retry_after_s)
+
+    async def _try(self, ctx: Context, replica: Replica) -> httpx.Response | None:
+        """The engine's response from this replica, or None to try the next one."""
+        reg, client = self.registry, self.get_client()
+        for attempt in range(2):
+            try:
+                await reg.ensure_loaded(ctx.model, replica)
+                req = client.build_request("POST", replica.url + PATHS[ctx.request.kind], content=ctx.request.body,
+                                           headers={"content-type": "application/json"})  # fmt: skip
+                resp = await client.send(req, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                log.warning("engine %s unreachable (%s); trying the next one", replica.name, e)
+                reg.mark_unreachable(replica)
+                return None
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+                # It closed the connection before any answer: nothing reached the client and nothing was
+                # generated for it. Once more on a fresh connection (a kept-alive one it dropped), then the
+                # next replica (it died).
+                log.warning("engine %s closed the connection unanswered (%s)", replica.name, e)
+                if attempt == 0:
+                    continue
+                reg.mark_unreachable(replica)
+                return None
+            except httpx.TimeoutException as e:
+                raise ApiError(
+                    504, f"the engine did not answer in time ({e})", "server_error", code="timeout"
+                ) from None
+            if resp.status_code == 404 and ctx.model.kind == "lora" and attempt == 0:
+                # The engine lost the adapter (restarted behind our back): load it again, once.
+                await resp.aclose()
+                reg.forget_loaded(replica, ctx.model.name)
+                continue
+            if resp.status_code == 503:
+                await resp.aclose()
+                return None
+            return resp
+        return None
 
     async def exchange(self, ctx: Context, send) -> None:
         upstream, started = None, False

@@ -67,7 +67,8 @@ def test_killed_engine_is_restarted_and_its_adapters_come_back(smollm2_path, tmp
 
     def engine_models() -> list[str]:
         try:
-            return [m["id"] for m in httpx.get(f"{engine.spec.url}/v1/models").json()["data"]]
+            # the engine knows an adapter as its content-named version, `smol-a@<digest>`
+            return [m["id"].split("@")[0] for m in httpx.get(f"{engine.spec.url}/v1/models").json()["data"]]
         except (httpx.HTTPError, ValueError):
             return []
 
