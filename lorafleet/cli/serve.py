@@ -88,7 +88,7 @@ def _check(argv: list[str]) -> int:
 
     adapters = configured_adapters(cfg)
     for e in cfg.engines:
-        where = ", ".join(e.replica_urls())
+        where = ", ".join(e.replica_urls()) or f"the addresses of {e.dns} (dns)"
         print(f"engine {e.name}: model {e.public_name} at {where}{'' if e.managed else ' (external)'}")
     for a in cfg.adapters:
         state = "ok" if a.name in adapters or a.mode == "merged" else "missing (skipped)"

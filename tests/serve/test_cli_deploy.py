@@ -206,3 +206,24 @@ def test_engines_run_bf16_only_where_it_is_fast(monkeypatch, dtype, gpus, fast, 
     monkeypatch.setattr(deploy, "fast_bf16", lambda: fast)
     (spec,) = gpu_specs([{"name": "a", "dtype": dtype}], gpus=gpus).values()
     assert flag(spec, "--dtype") == want
+
+
+def test_replicas_on_one_cpu_host_get_the_cores_named_in_cpu_bind():
+    specs = gpu_specs([{"name": "e", "port": 8101, "replicas": 2, "cpu_bind": ["0-3", "4-7"]}], gpus=0)
+    assert [specs[n].env()["VLLM_CPU_OMP_THREADS_BIND"] for n in ("e-0", "e-1")] == ["0-3", "4-7"]
+    import os
+
+    default = gpu_specs([{"name": "e", "port": 8101}], gpus=0)["e"].env()  # unset: vLLM's own choice
+    assert default.get("VLLM_CPU_OMP_THREADS_BIND") == os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+
+
+def test_merged_adapter_replicas_are_separate_engine_processes(tmp_path, monkeypatch):
+    from serve.config import parse_config
+
+    monkeypatch.setattr(deploy, "ensure_merged", lambda cfg, a: tmp_path / "merged")  # merging is tested above
+    cfg = parse_config({"engines": [{"name": "e", "model": str(MODELS / "tiny-random-llama"), "port": 8101}],
+                        "adapters": [{"name": "hot", "path": "hot", "base": "tiny-random-llama", "mode": "merged",
+                                      "port": 8201, "replicas": 2}]})  # fmt: skip
+    specs = deploy.engine_specs(cfg, gpus=0)
+    assert [(specs[n].port, specs[n].served_name, specs[n].enable_lora) for n in ("merged-hot-0", "merged-hot-1")] == [
+        (8201, "hot", False), (8202, "hot", False)]  # fmt: skip

@@ -77,6 +77,11 @@ def test_demo_keys_documented_in_default_match_their_hashes():
         ("prices.smollm2-135m-instruct", {"input": -1}, "prices.smollm2-135m-instruct.input: must be >= 0"),
         ("gateway", {"admin_key_hash": "xyz"}, "gateway.admin_key_hash: must look like sha256:"),
         ("gateway", {"port": 0}, "gateway.port: must be > 0"),
+        ("gateway", {"placement": "random"}, "gateway.placement: must be 'bounded' or 'pinned'"),
+        ("gateway", {"load_factor": 1.0}, "gateway.load_factor: must be > 1"),
+        ("engines.0.dns", "no-port", "engines[0].dns: 'no-port' must be HOST:PORT"),
+        ("engines.0.cpu_bind", ["0", "1"], "engines[0].cpu_bind: one entry per replica (1), got 2"),
+        ("adapters.0.replicas", 2, "adapters[0]: port/url/replicas only apply to mode: merged"),
     ],
 )
 def test_config_errors_name_the_field(path, value, expected):
