@@ -145,8 +145,9 @@ class Worker:
         message, param = "\n".join(lines), "training_file"
         for field in ("validation_file", "training_file"):
             fid = getattr(job, field)
-            if fid and self.store.file(fid, job.tenant).path in message:
-                message, param = message.replace(self.store.file(fid, job.tenant).path, fid), field
+            path = self.store.file(fid, job.tenant).path if fid else None
+            if path and path in message:
+                message, param = message.replace(path, fid), field
         return message, param
 
     def check_files(self, job: JobRow) -> list[str]:

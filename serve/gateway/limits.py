@@ -137,8 +137,6 @@ class _State:
 
 
 class Limiter(Reports):
-    shared = False
-
     def __init__(self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         """`clock` times the per-minute windows; `wall` (epoch seconds) places spend in UTC days and months."""
         self.clock, self.wall = clock, wall

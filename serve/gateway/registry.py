@@ -56,6 +56,11 @@ class Replica:
         return self.inflight + max(0, self.engine_load - self.inflight_at_scrape)
 
 
+def adapter_of(version: str) -> str:
+    """`name@digest` -> `name`."""
+    return version.split("@", 1)[0]
+
+
 @dataclass
 class Model:
     name: str  # what clients send as `model`
@@ -68,8 +73,8 @@ class Model:
 
     @property
     def adapter(self) -> str:
-        """The adapter a version belongs to (`name@digest` -> `name`): the bounded label of its load metrics."""
-        return self.name.split("@", 1)[0]
+        """The adapter a version belongs to: the bounded label of its load metrics."""
+        return adapter_of(self.name)
 
 
 @dataclass
@@ -261,11 +266,15 @@ class Registry:
         model = self.models.get(name)
         for r in self.groups.get(model.engine, []) if model else []:
             if name in r.loaded:
-                r.loaded.discard(name)
-                try:  # vLLM keeps the weights until LRU eviction, but stops serving the name
-                    await self.client.post(f"{r.url}/v1/unload_lora_adapter", json={"lora_name": name})
-                except httpx.HTTPError as e:
-                    log.warning("unloading %s from %s failed: %s", name, r.name, e)
+                await self._unload_from(r, name)
+
+    async def _unload_from(self, replica: Replica, name: str) -> None:
+        replica.loaded.discard(name)
+        replica.used.pop(name, None)
+        try:  # vLLM keeps the weights until LRU eviction, but stops serving the name
+            await self.client.post(f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": name})
+        except httpx.HTTPError as e:
+            log.warning("unloading %s from %s failed: %s", name, replica.name, e)
 
     async def remove_adapter(self, name: str) -> None:
         await self.unload(name)
@@ -298,15 +307,10 @@ class Registry:
         if not idle:
             return  # all busy: vLLM's own cache copes; the next load tries again
         victim = min(idle, key=lambda n: replica.used.get(n, 0.0))
-        replica.loaded.discard(victim)
-        replica.used.pop(victim, None)
-        self.metrics.adapter_loads.labels(victim.split("@", 1)[0], "evicted").inc()
+        self.metrics.adapter_loads.labels(adapter_of(victim), "evicted").inc()
         log.info("engine %s holds %d adapters (max_cpu_loras): unloading %s, the least recently used",
                  replica.name, room, victim)  # fmt: skip
-        try:
-            await self.client.post(f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": victim})
-        except httpx.HTTPError as e:
-            log.warning("unloading %s from %s failed: %s", victim, replica.name, e)
+        await self._unload_from(replica, victim)
 
     async def _load(self, model: Model, replica: Replica) -> None:
         await self._evict_for(model, replica)

@@ -114,8 +114,6 @@ class RedisLimiter(Reports):
     """Drop-in for `limits.Limiter` when `gateway.redis_url` is set; reports come from the last answer Redis gave
     (each admission, plus a refresh every `store_poll_s`)."""
 
-    shared = True
-
     def __init__(self, url: str, lease_s: float, timeout_s: float = 1.0, wall=None):
         self.url, self.lease_ms = url, int(lease_s * 1000)
         # Fail fast: a request must not hang on a Redis that is gone; redis-py reconnects on the next call.
