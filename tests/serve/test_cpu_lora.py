@@ -11,6 +11,8 @@ import torch
 
 from serve.engines import cpu_lora
 from serve.engines.deploy import gpu_count
+from tests.serve.conftest import metric
+from tests.serve.fake_engine import wait_for
 from train.export import random_adapter
 
 SLOTS, RANK = 4, 16
@@ -139,7 +141,7 @@ def decode_stream(url: str, model: str, prompt: str, decoding: threading.Event, 
     the machine's speed."""
     body = {"model": model, "prompt": prompt, "max_tokens": 1800, "temperature": 0, "ignore_eos": True, "stream": True}
     try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=150) as r:
             assert r.status_code == 200, r.read()
             for line in r.iter_lines():
                 if stop.is_set():
@@ -168,17 +170,35 @@ def distance(a: list[list[float]], b: list[list[float]]) -> float:
     return sum(diffs) / len(diffs)
 
 
+def engine_queue(url: str) -> tuple[float, float]:
+    """The engine's running and waiting requests (its own gauges)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return metric(text, "vllm:num_requests_running"), metric(text, "vllm:num_requests_waiting")
+
+
+class CompanionStalled(AssertionError):
+    pass
+
+
 def probes_beside(url: str, base: str, prefixes: list[list[int]], companions: list[str], prompt: str):
     """Next-token log-probs of base requests (one per prefix) prefilled while one request per `companions` model
-    is decoding, so that base and companion tokens share the engine's batches."""
+    is decoding, so that base and companion tokens share the engine's batches.
+
+    With one companion per --max-loras slot, a single request of another adapter still running in the engine would
+    keep the last companion waiting (vLLM schedules at most max_loras adapters at once), so it first waits for an
+    idle engine; and whatever happens, the companions are stopped on the way out (they are long).
+    """
+    assert wait_for(lambda: engine_queue(url) == (0, 0), timeout=120), f"engine busy: {engine_queue(url)}"
     decoding, stop = [threading.Event() for _ in companions], threading.Event()
     with ThreadPoolExecutor(len(companions) + len(prefixes)) as pool:
         streams = [
             pool.submit(decode_stream, url, m, prompt, ev, stop) for m, ev in zip(companions, decoding, strict=True)
         ]
-        for ev in decoding:
-            assert ev.wait(300), "a companion request never started decoding"
         try:
+            if not all(ev.wait(120) for ev in decoding):
+                raise CompanionStalled(
+                    f"a companion got no token in 120 s; engine running, waiting: {engine_queue(url)}"
+                )
             got = list(pool.map(lambda ids: next_token_logprobs(url, base, ids), prefixes))
         finally:
             stop.set()
@@ -245,7 +265,14 @@ def test_base_requests_stay_base_when_every_slot_holds_an_adapter(vllm_engine, s
     for i, name in enumerate(names):
         load_adapter(url, name, small_adapter(smollm2_path, tmp_path / name, seed=100 + i, std=0.05))
         next_token_logprobs(url, name, ids)  # takes a slot
-    beside_adapters = probes_beside(url, base, prefixes, names, prompt)
+    try:
+        beside_adapters = probes_beside(url, base, prefixes, names, prompt)
+    except CompanionStalled as e:
+        # Seen once in CI and never reproduced: one adapter's companion got no first token in minutes while the
+        # other three decoded. That is a liveness question for vLLM's scheduler, not this test's (which slot base
+        # tokens read); say so and measure again once rather than lose the isolation check.
+        print(f"\n{e}; measuring once more")
+        beside_adapters = probes_beside(url, base, prefixes, names, prompt)
     beside_base = probes_beside(url, base, prefixes, [base] * slots, prompt)
     effects = [distance([next_token_logprobs(url, n, p) for p in prefixes], beside_base) for n in names]
     drift = distance(beside_adapters, beside_base)
