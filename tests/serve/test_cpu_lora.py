@@ -93,8 +93,12 @@ def test_shapes_vllms_einsum_broadcasts_fall_back_to_its_op():
 def test_register_installs_once_and_honours_the_off_switch(monkeypatch):
     import vllm.lora.ops.torch_ops.lora_ops as ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+    from vllm.lora.model_manager import LoRAModelManager
 
+    wrapper, manager = punica_cpu.PunicaWrapperCPU, LoRAModelManager
     saved = {n: getattr(ops, n) for n in cpu_lora.PATCHED}
+    saved_wrapper = {n: getattr(wrapper, n) for n in cpu_lora.WRAPPER}
+    saved_activate = manager.activate_adapter
     try:
         monkeypatch.setenv(cpu_lora.ENV, "0")
         cpu_lora.register()
@@ -102,11 +106,137 @@ def test_register_installs_once_and_honours_the_off_switch(monkeypatch):
         monkeypatch.setenv(cpu_lora.ENV, "1")
         cpu_lora.register()
         assert ops.bgmv_shrink is cpu_lora.bgmv_shrink and punica_cpu.bgmv_expand is cpu_lora.bgmv_expand
+        assert wrapper.add_lora_linear is cpu_lora.add_lora_linear
+        assert manager.activate_adapter is cpu_lora.activate_adapter
         assert cpu_lora.install() is False  # vLLM may load plugins more than once per process
     finally:
         for module in (ops, punica_cpu):
             for n, fn in saved.items():
                 setattr(module, n, fn)
+        for n, fn in saved_wrapper.items():
+            setattr(wrapper, n, fn)
+        manager.activate_adapter = saved_activate
+        cpu_lora._ORIGINAL.clear()
+
+
+def test_ops_only_mode_leaves_the_layer_methods_to_vllm(monkeypatch):
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    wrapper = punica_cpu.PunicaWrapperCPU
+    saved, saved_linear = {n: getattr(ops, n) for n in cpu_lora.PATCHED}, wrapper.add_lora_linear
+    try:
+        monkeypatch.setenv(cpu_lora.ENV, "ops")
+        cpu_lora.register()
+        assert ops.bgmv_shrink is cpu_lora.bgmv_shrink and wrapper.add_lora_linear is saved_linear
+        assert "per-op" in cpu_lora.path()
+    finally:
+        for module in (ops, punica_cpu):
+            for n, fn in saved.items():
+                setattr(module, n, fn)
+        cpu_lora._ORIGINAL.clear()
+
+
+# --- the per-layer path, on vLLM's real CPU punica wrapper ---
+
+IN, OUTS, MAX_RANK = 96, (48, 16, 16), 16  # a qkv-like layer: three slices
+
+
+@pytest.fixture
+def ops_installed(monkeypatch):
+    """The per-op replacements in place, as in an engine (large mixed batches fall back to vLLM's loop over them)."""
+    import vllm.lora.ops.torch_ops as ops_pkg
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    for name, fn in cpu_lora.PATCHED.items():
+        monkeypatch.setitem(cpu_lora._ORIGINAL, name, getattr(ops, name))
+        for module in (ops, ops_pkg, punica_cpu):
+            monkeypatch.setattr(module, name, fn)
+
+
+def punica(slot_ids: list, token_ids: list[int]):
+    """vLLM's CPU punica wrapper given a batch mapping (token -> adapter id, 0 = base), the way its model manager
+    gives it, with the plan update installed."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=512, max_batches=512, device="cpu")
+    cpu_lora._ORIGINAL.setdefault("update_metadata", PunicaWrapperCPU.update_metadata)
+    cpu_lora._ORIGINAL.setdefault("add_lora_linear", PunicaWrapperCPU.add_lora_linear)
+    mapping = LoRAMapping(tuple(token_ids), tuple(token_ids), is_prefill=True)
+    cpu_lora.update_metadata(wrapper, mapping, slot_ids, len(slot_ids) + 1, 1000)
+    return wrapper
+
+
+def layer_weights(seed: int, rank: int = 8, slices=OUTS):
+    """Stacked A and B per slice as vLLM allocates them ([slots, 1, R, in], [slots, 1, out, R]): each adapter
+    fills only `rank` of the MAX_RANK rows."""
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.zeros(SLOTS, 1, MAX_RANK, IN) for _ in slices)
+    b = tuple(torch.zeros(SLOTS, 1, out, MAX_RANK) for out in slices)
+    for w in a:
+        w[:, :, :rank] = torch.randn(SLOTS, 1, rank, IN, generator=g) / 10
+    for w in b:
+        w[:, :, :, :rank] = torch.randn(*w.shape[:3], rank, generator=g) / 10
+    return a, b
+
+
+def expected(y, x, a, b, slot_of_token: list[int], slices=OUTS) -> torch.Tensor:
+    """Row by row in float64: y[t, slice s] + x[t] @ A_s[slot].T @ B_s[slot].T; nothing for slot -1."""
+    out = y.double().clone()
+    for t, slot in enumerate(slot_of_token):
+        offset = 0
+        for s, size in enumerate(slices):
+            if slot >= 0:
+                h = a[s][slot, 0].double() @ x[t].double()
+                out[t, offset : offset + size] += b[s][slot, 0].double() @ h
+            offset += size
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 64, 65, 200])
+@pytest.mark.parametrize("layout", ["uniform", "mixed", "none", "one-beside-base"])
+def test_fused_layer_matches_row_by_row_reference(tokens, layout, ops_installed):
+    cpu_lora._STACKS.clear()
+    slot_ids = [11, 12, None, 14]  # adapter id per slot; slot 2 empty
+    ids = {"uniform": [12] * tokens, "none": [0] * tokens, "one-beside-base": [14, 0] * tokens,
+           "mixed": [(0, 11, 12, 14)[t % 4] for t in range(tokens)]}[layout][:tokens]  # fmt: skip
+    slot_of = {0: -1, 11: 0, 12: 1, 14: 3}
+    g = torch.Generator().manual_seed(tokens)
+    x, y = torch.randn(tokens, IN, generator=g), torch.randn(tokens, sum(OUTS), generator=g)
+    a, b = layer_weights(seed=3)
+    want = expected(y, x, a, b, [slot_of[i] for i in ids])
+    wrapper = punica(slot_ids, ids)
+    cpu_lora.add_lora_linear(wrapper, y, x, a, b, 1.0, OUTS)
+    assert torch.allclose(y.double(), want, atol=1e-5)
+
+
+def test_fused_layer_leaves_out_only_rank_rows_that_are_zero_everywhere():
+    cpu_lora._STACKS.clear()
+    a, b = layer_weights(seed=5, rank=4)
+    a[1][3, 0, 6] = 0.5  # one adapter of rank 7 among rank-4 ones: rows up to 7 must stay
+    _, _, rank = cpu_lora.stacked(a, b, (0, 3), torch.float32)
+    assert rank == 7
+    _, _, rank = cpu_lora.stacked(a, b, (0, 1), torch.float32)
+    assert rank == 4
+
+
+def test_a_slot_written_again_is_never_served_from_the_old_stack(monkeypatch):
+    """vLLM reuses a slot for another adapter by writing its weights in place; the stacked copy must not outlive it."""
+    cpu_lora._STACKS.clear()
+    a, b = layer_weights(seed=9)
+    x, ids = torch.randn(4, IN), [11, 11, 11, 11]
+    wrapper = punica([11, None, None, None], ids)
+    first = torch.zeros(4, sum(OUTS))
+    cpu_lora.add_lora_linear(wrapper, first, x, a, b, 1.0, OUTS)
+    for w in (*a, *b):  # what vLLM's set_lora does when another adapter takes slot 0
+        w[0].mul_(-2)
+    monkeypatch.setitem(cpu_lora._ORIGINAL, "activate_adapter", lambda manager, lora_id: True)
+    assert cpu_lora.activate_adapter(None, 99) is True
+    second = torch.zeros(4, sum(OUTS))
+    cpu_lora.add_lora_linear(wrapper, second, x, a, b, 1.0, OUTS)
+    assert torch.allclose(second, first * 4, atol=1e-5)  # A and B both scaled by -2
 
 
 def test_entry_point_is_registered_with_vllm():
