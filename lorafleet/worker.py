@@ -31,12 +31,13 @@ from serve.config import ServeConfig, load_config
 from serve.engines.deploy import adapters_root
 from serve.gateway.finetune import fine_tuned_name
 from serve.store.schema import JobRow
-from serve.store.store import Store
+from serve.store.store import Store, StoreUnavailable
 from train.config import CONFIGS_DIR
 
 HEARTBEAT_S = 1.0
 STALE_S = 30.0  # a running job whose heartbeat is older than this lost its worker
 MAX_ATTEMPTS = 2
+STORE_RETRY_S = 2.0  # between tries while the state store is unreachable
 STEP_EVENTS = 20  # about this many step events per job, whatever its length
 
 
@@ -51,7 +52,8 @@ class JobFailed(Exception):
 
 
 def train_config(job: JobRow, store: Store, cfg: ServeConfig, out: Path) -> dict[str, Any]:
-    """The default recipe with the job's hyperparameters ("auto" keeps the recipe's value)."""
+    """The default recipe with the job's hyperparameters: a number is used as given; "auto" for n_epochs means
+    train.auto's search (epochs and rank/layers, and the learning rate too when it is "auto" as well)."""
     recipe = yaml.safe_load((CONFIGS_DIR / "recipe.yaml").read_text())
     h = job.hyperparameters or {}
     values: dict[str, Any] = {**recipe, "base_model": cfg.engine_for(job.model).model, "seed": job.seed,
@@ -63,10 +65,13 @@ def train_config(job: JobRow, store: Store, cfg: ServeConfig, out: Path) -> dict
         values["eval_data"] = store.file(job.validation_file, job.tenant).path
     if h.get("n_epochs", "auto") != "auto":
         values["epochs"] = h["n_epochs"]
+    else:  # epochs from the data size and the score on held-out lines, after a budgeted search (train.auto)
+        values |= {"auto": True, "scorer": job.extra.get("scorer", "exact")}
     if h.get("batch_size", "auto") != "auto":
         values["batch_size"] = h["batch_size"]
     if h.get("learning_rate_multiplier", "auto") != "auto":
         values["lr"] = recipe["lr"] * h["learning_rate_multiplier"]
+        values["auto_search"] = []  # the tenant chose the rate: auto does not vary it
     layers = _layers(values["base_model"])
     if layers and values.get("top_layers", 0) > layers:  # the recipe's "top 15" is half of SmolLM2; keep half of any
         values["top_layers"] = max(1, layers // 2)
@@ -91,13 +96,21 @@ class Worker:
 
     def run_forever(self) -> None:
         while not self.stop.is_set():
-            self.reap()
-            self.validate_waiting()
-            job = self.store.claim_job(self.name)
+            try:
+                job = self.next_job()
+            except StoreUnavailable as e:  # the database restarts: wait for it, as the gateway does
+                print(f"lorafleet worker {self.name}: {e}; retrying in {STORE_RETRY_S:g} s", flush=True)
+                self.stop.wait(STORE_RETRY_S)
+                continue
             if job is None:
                 self.stop.wait(self.poll_s)
                 continue
             self.run(job)
+
+    def next_job(self) -> JobRow | None:
+        self.reap()
+        self.validate_waiting()
+        return self.store.claim_job(self.name)
 
     def reap(self) -> None:
         """Jobs left `running` by a worker that died: queue them again once, then fail them."""
@@ -217,6 +230,9 @@ class Worker:
         every = None
         for line in proc.stdout:
             lines.append(line.rstrip())
+            if line.startswith(("auto: ", "WARNING: ")):  # the search's choices and the trainer's advice
+                warn = line.startswith("WARNING: ")
+                self.store.event(job.id, line.strip().removeprefix("WARNING: "), level="warn" if warn else "info")
             if not line.startswith("@step "):
                 continue
             step = json.loads(line[6:])
@@ -294,12 +310,12 @@ class Worker:
 
 def _train_child(spec: Path) -> int:
     """The child process: one training run, each step reported as an `@step {json}` line."""
+    from train.auto import run
     from train.config import load_config as load_train_config
-    from train.trainer import train
 
     cfg = load_train_config(None, json.loads(spec.read_text()))
     out = Path(cfg.output_dir)
-    train(cfg, log=lambda m: print(m, flush=True), on_step=lambda s: print("@step " + json.dumps(s), flush=True),
+    run(cfg, log=lambda m: print(m, flush=True), on_step=lambda s: print("@step " + json.dumps(s), flush=True),
           epoch_dir=lambda step: out.with_name(f"{out.name}.ckpt-step-{step}"))  # fmt: skip
     return 0
 

@@ -29,6 +29,11 @@ class State:
     train_cpu_seconds: float = 0.0
     train_loss: list[list[float]] = field(default_factory=list)  # [step, loss]
     eval_loss: list[list[float]] = field(default_factory=list)
+    score: list[list[float]] = field(default_factory=list)  # [step, exact, mean score] on the held-out sample
+    best_step: int = 0  # the step whose weights the scorer liked best (0: none scored yet)
+    best_predictions: list[str] = field(default_factory=list)
+    since_best: int = 0  # score checks since the best one
+    score_seconds: float = 0.0  # time spent answering the held-out sample
 
 
 def checkpoints(out_dir: Path) -> list[Path]:
@@ -45,7 +50,9 @@ def set_rng_states(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
 
 
-def save_checkpoint(out_dir: Path, model, opt, sched, state: State, cfg: TrainConfig) -> Path:
+def save_checkpoint(
+    out_dir: Path, model, opt, sched, state: State, cfg: TrainConfig, best: dict | None = None
+) -> Path:
     final = out_dir / "checkpoints" / f"step-{state.step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -58,6 +65,7 @@ def save_checkpoint(out_dir: Path, model, opt, sched, state: State, cfg: TrainCo
         "rng": rng_states(),
         "state": asdict(state),
         "config": cfg.to_dict(),
+        "best": best,  # the best-scoring LoRA weights so far (score_every), kept across a resume
     }
     torch.save(blob, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
@@ -67,7 +75,8 @@ def save_checkpoint(out_dir: Path, model, opt, sched, state: State, cfg: TrainCo
     return final
 
 
-def load_checkpoint(path: Path, model, opt, sched, cfg: TrainConfig) -> State:
+def load_checkpoint(path: Path, model, opt, sched, cfg: TrainConfig) -> tuple[State, dict | None]:
+    """The loop's state and the best-scoring weights saved with it (None without score_every)."""
     blob = torch.load(path / STATE_FILE, weights_only=False)
     changed = [k for k, v in blob["config"].items() if k not in RUN_ONLY_FIELDS and cfg.to_dict().get(k) != v]
     if changed:
@@ -79,4 +88,4 @@ def load_checkpoint(path: Path, model, opt, sched, cfg: TrainConfig) -> State:
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     set_rng_states(blob["rng"])
-    return State(**blob["state"])
+    return State(**blob["state"]), blob.get("best")

@@ -75,6 +75,37 @@ class TrainConfig(Strict):
     overlong: Literal["skip", "truncate"] = Field(
         "skip", description="examples longer than max_len: skip | truncate (both are reported)"
     )
+    # judged by the task's own score (train.validate)
+    score_every: int = Field(
+        0,
+        ge=0,
+        description="every N steps answer `score_n` held-out train examples greedily and score them with the task's "
+        "scorer; the best-scoring checkpoint becomes the adapter; 0 = off (auto sets it)",
+    )
+    score_n: int = Field(
+        40, gt=0, description="train examples held out for the score (never trained on) when score_every or auto is on"
+    )
+    patience: int = Field(0, ge=0, description="stop after this many score checks without a better score; 0 = never")
+    scorer: str | dict[str, Any] = Field(
+        "exact", description="scorer of `data` runs (a name or {name: ..., options}); a task brings its own"
+    )
+    auto: bool = Field(
+        False,
+        description="search lr and rank/layers on short runs judged by the score, pick epochs from the data size, "
+        "train the best with early stopping (train.auto)",
+    )
+    auto_search: list[Literal["lr", "layers"]] = Field(
+        default_factory=lambda: ["lr"],
+        description="what auto tries besides the recipe: lr (2x), layers (half rank on all layers: its trial costs "
+        "1.5x, and on examples/expenses it scored as the others did)",
+    )
+    auto_budget: float = Field(3.0, gt=0, description="auto's time budget in plain runs of this config (3 = 3x)")
+    auto_budget_s: float = Field(0.0, ge=0, description="auto's time budget in seconds; 0 = use auto_budget")
+    balance: str = Field(
+        "",
+        description="class-balanced sampling (a remedy for skewed answers, off by default): '' = off, 'answer' = "
+        "whole answers, or a JSON answer field (e.g. verdict); each class then fills the same share of an epoch",
+    )
     # speed
     bf16: Literal["auto", "true", "false"] = Field(
         "auto", description="base weights in bf16 + autocast: auto (if the CPU has AVX512-BF16/AMX) | true | false"
@@ -115,7 +146,15 @@ class TrainConfig(Strict):
         # YAML reads `bf16: true` as a bool; the field takes the words.
         return str(v).lower() if isinstance(v, bool) else v
 
-    @field_validator("target_modules", mode="before")
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, v: Any) -> Any:
+        from lorafleet.core.scorers import make_scorer
+
+        make_scorer(v)  # an unknown name or option fails here, listing the valid ones, not after training
+        return v
+
+    @field_validator("target_modules", "auto_search", mode="before")
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         # `target_modules=q_proj,v_proj` on the command line is one string.
@@ -140,6 +179,12 @@ class TrainConfig(Strict):
                 f"r={self.r} is greater than max_serving_rank={self.max_serving_rank}: vLLM would refuse the adapter; "
                 "lower r or raise max_serving_rank (and the server's --max-lora-rank)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _patience_needs_score(self) -> TrainConfig:
+        if self.patience and not (self.score_every or self.auto):
+            raise ValueError(f"patience={self.patience} counts score checks: set score_every (or auto=true) too")
         return self
 
     @model_validator(mode="after")

@@ -4,8 +4,9 @@ length-grouped micro-batches."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,8 @@ from train.data import load_jsonl, split_prompt, to_conversation
 from train.tasks import get_task
 
 IGNORE = -100
+MIN_TRAIN_PER_HELD = 5  # at most a fifth of the training examples is held out for the score
+HOLD_OUT_STREAM = 7  # an RNG stream of its own: the held-out set does not move when batching changes
 MEGA_BATCH = 32  # micro-batches per length-sorted group: enough to cut padding, still shuffled across groups
 
 
@@ -23,6 +26,7 @@ MEGA_BATCH = 32  # micro-batches per length-sorted group: enough to cut padding,
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE except on the answer + end-of-turn tokens
+    group: str = ""  # the answer's class for `balance` (its field's value, or the whole answer)
 
 
 @dataclass
@@ -30,6 +34,21 @@ class Dataset:
     train: list[Example]
     eval: list[Example]
     report: dict[str, Any]
+    validation: list[list[dict]] = field(default_factory=list)  # held-out train conversations for the score
+
+
+def hold_out(train: list, cfg: TrainConfig) -> tuple[list, list]:
+    """(train, validation): `score_n` train conversations set aside for the score when score_every or auto is on.
+    Taken from the train split, never the eval split: the eval split stays the untouched final judge."""
+    if not (cfg.score_every or cfg.auto):
+        return train, []
+    n = min(cfg.score_n, len(train) // MIN_TRAIN_PER_HELD)  # small data keeps most of itself for training
+    if n < 1:
+        raise TrainError(f"scoring during training holds out 1 of every {MIN_TRAIN_PER_HELD} training examples; "
+                         f"{len(train)} is too few: give more data or turn off score_every/auto")  # fmt: skip
+    order = np.random.default_rng([cfg.seed, HOLD_OUT_STREAM]).permutation(len(train))
+    held = set(order[:n].tolist())
+    return [c for i, c in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
 
 
 def load_conversations(cfg: TrainConfig) -> tuple[list, list]:
@@ -90,6 +109,7 @@ def encode_all(tok, conversations: list, cfg: TrainConfig, what: str) -> tuple[l
         if status != "ok":
             counts[status] += 1
         if ex is not None:
+            ex.group = answer_class(split_prompt(messages)[1], cfg.balance) if cfg.balance else ""
             out.append(ex)
     if not out:
         raise TrainError(f"no {what} example fits in max_len={cfg.max_len} tokens: raise max_len")
@@ -98,6 +118,7 @@ def encode_all(tok, conversations: list, cfg: TrainConfig, what: str) -> tuple[l
 
 def build_dataset(tok, cfg: TrainConfig, log: Callable[[str], None]) -> Dataset:
     train, evals = load_conversations(cfg)
+    train, validation = hold_out(train, cfg)
     if tok.chat_template is None:
         raise TrainError(f"base model {cfg.base_model!r} has no chat template: train an instruct model")
     train_ex, train_long = encode_all(tok, train, cfg, "training")
@@ -120,18 +141,46 @@ def build_dataset(tok, cfg: TrainConfig, log: Callable[[str], None]) -> Dataset:
         "mean_tokens": round(float(np.mean(lengths)), 1),
         "max_tokens": max(lengths),
         "label_tokens": sum(sum(t != IGNORE for t in e.labels) for e in train_ex),
+        "validation_examples": len(validation),
     }
-    return Dataset(train_ex, eval_ex, report)
+    if cfg.balance:
+        report["balance"] = dict(Counter(e.group for e in train_ex).most_common())
+    return Dataset(train_ex, eval_ex, report, validation)
+
+
+def answer_class(answer: str, balance: str) -> str:
+    """The class `balance` evens out: the whole (canonical) answer, or one field of a JSON answer."""
+    from lorafleet.core.diagnose import fields_of
+
+    fields = fields_of(answer)
+    if balance == "answer":
+        return "|".join(f"{k}={v}" for k, v in sorted(fields.items()))
+    return fields.get(balance, "<missing>")
+
+
+def class_weights(groups: list[str]) -> list[float] | None:
+    """Sampling weights that give every class the same share of an epoch: 1 / (its count)."""
+    if not any(groups):
+        return None
+    counts = Counter(groups)
+    return [1.0 / counts[g] for g in groups]
 
 
 # ---------------------------------------------------------------- batches
 
 
-def epoch_batches(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[list[int]]:
+def epoch_batches(
+    lengths: list[int], cfg: TrainConfig, epoch: int, weights: list[float] | None = None
+) -> list[list[int]]:
     """Micro-batches of example indices for one epoch: a pure function of (seed, epoch), so resume can
-    replay it. Shuffled, then sorted by length inside mega-batches so a batch holds similar lengths."""
+    replay it. Shuffled, then sorted by length inside mega-batches so a batch holds similar lengths. With
+    `weights` (class_weights), the epoch is as many examples drawn with replacement in proportion to them."""
     rng = np.random.default_rng([cfg.seed, epoch])
-    order = rng.permutation(len(lengths)).tolist()
+    if weights is None:
+        order = rng.permutation(len(lengths)).tolist()
+    else:
+        p = np.asarray(weights) / np.sum(weights)
+        order = rng.choice(len(lengths), size=len(lengths), replace=True, p=p).tolist()
     per_batch = cfg.batch_size if not cfg.batch_tokens else max(1, cfg.batch_tokens // int(np.mean(lengths)))
     mega = per_batch * MEGA_BATCH
     batches: list[list[int]] = []

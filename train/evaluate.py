@@ -13,14 +13,16 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from lorafleet.core.diagnose import diagnose
 from lorafleet.core.paths import runs_dir
+from train.auto import run as run_training
 from train.config import CONFIGS_DIR, load_config
 from train.data import split_prompt
 from train.export import recorded_base
 from train.lora import use_bf16
 from train.models import model_path as resolve
 from train.tasks import get_task
-from train.trainer import train
+from train.validate import generate
 
 Mode = Literal["zero_shot", "few_shot"]
 
@@ -53,27 +55,6 @@ def build_prompt(task, tok, user_content: str, mode: Mode, k: int, seed: int) ->
         return task.few_shot_prompt(user_content, k if mode == "few_shot" else 0, seed)
     messages = task.few_shot_chat(user_content, k, seed) if mode == "few_shot" else task.chat(user_content)
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions, batched by similar prompt length; returned in the order of `prompts`."""
-    import torch
-
-    chat = tok.chat_template is not None
-    # A chat template carries its own special tokens; plain prompts get the tokenizer's (Gemma's BOS).
-    extra = {} if chat else {"stop_strings": ["\n\n", "\nInput:"], "tokenizer": tok}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=not chat)
-        with torch.no_grad():
-            gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, **extra
-            )
-        for row, i in enumerate(idx):
-            out[i] = tok.decode(gen[row, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
 
 
 def evaluate_offline(
@@ -119,6 +100,7 @@ def evaluate_offline(
                 "score": float(t.score(pred, ref)),
             }
         )
+    preds, refs = [e["prediction"] for e in examples], [e["reference"] for e in examples]
     return {
         "task": t.name,
         "model": str(base),
@@ -129,6 +111,7 @@ def evaluate_offline(
         "accuracy": sum(e["correct"] for e in examples) / len(examples),
         "mean_score": sum(e["score"] for e in examples) / len(examples),
         "seconds": round(seconds, 1),
+        "diagnosis": diagnose(preds, refs).to_dict(),
         "examples": examples,
     }
 
@@ -170,7 +153,7 @@ def learning_curve(
     points = [_point(0, None, evaluate_offline(base_cfg.base_model, None, task, n=eval_n))]
     for size in sizes:
         cfg = curve_config(task, size, out, overrides or {}, min_steps)
-        adapter = train(cfg)
+        adapter = run_training(cfg)
         report = json.loads((adapter / "lorafleet_train.json").read_text())
         points.append(_point(size, report, evaluate_offline(cfg.base_model, adapter, task, n=eval_n)))
     result = {"task": get_task(task).name, "base_model": base_cfg.base_model, "eval_n": eval_n, "points": points}

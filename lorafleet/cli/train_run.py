@@ -43,10 +43,17 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from train.trainer import REPORT_FILE, train
+    from train.auto import format_table, run
+    from train.trainer import REPORT_FILE
 
-    out = train(load_config(args.config, args.overrides))
-    m = json.loads((out / REPORT_FILE).read_text())["metrics"]
+    out = run(load_config(args.config, args.overrides))
+    report = json.loads((out / REPORT_FILE).read_text())
+    m = report["metrics"]
+    if "auto" in report:
+        print(format_table(report["auto"]))
+    if "score" in report:
+        sc = report["score"]
+        print(f"held-out score (n={sc['n']}): exact {sc['best_exact']:.1%} at step {sc['best_step']} (kept)")
     print(
         f"adapter: {out}  (train loss {m['final_train_loss']}, eval loss {m['final_eval_loss']}, "
         f"{m['tokens_per_s']} tok/s, {m['train_seconds']:.0f} s, peak RSS {m['peak_rss_mb']:.0f} MB)"
@@ -124,6 +131,8 @@ def _eval(args: argparse.Namespace) -> int:
         f"{res['task']} {res['mode']}: accuracy {res['accuracy']:.2%}, mean score {res['mean_score']:.3f} "
         f"(n={res['n']}, {res['seconds']} s) model={res['model']} adapter={res['adapter']}"
     )
+    for warning in res["diagnosis"]["warnings"]:
+        print(f"WARNING: {warning}")
     return 0
 
 

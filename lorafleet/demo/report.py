@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.core.blocks import to_html, to_markdown
+from lorafleet.core.diagnose import diagnose
 
 # The article's claims, as thresholds this run is checked against.
 ACCURACY_GAIN = 0.15  # fine-tuned small vs generalist few-shot, in accuracy points
@@ -260,6 +261,7 @@ def examples_needed(points: list[tuple]) -> str | None:
 
 
 WRONG_SHOWN = 3  # wrong answers shown per target and task
+FIELDS_SHOWN = 6  # answer fields listed per model in the diagnostics table
 WRONG_TARGETS = ((LORA_TARGET, "zero_shot", "fine-tuned"), (GENERALIST_TARGET, "few_shot_completion", "generalist"))
 
 
@@ -279,6 +281,22 @@ def wrong_answers(results: dict, tasks: dict[str, str]) -> tuple[list[str], list
                 rows.append([f"{tenant}/{task_label(task)}", label, _cut(r.get("input"), 60), _cut(r["reference"], 40),
                              _cut(got, 50)])  # fmt: skip
     return ["tenant/task", "model", "input", "reference", "prediction"], rows
+
+
+def diagnostics(results: dict, tasks: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+    """Per model and task: accuracy per answer field, the majority baseline beside it, and any collapse warning
+    (lorafleet.core.diagnose): a model that answers the majority class every time is named, not averaged away."""
+    rows = []
+    for tenant, task in tasks.items():
+        for target, mode, label in WRONG_TARGETS:
+            items = (_eval(results, target, task, mode) or {}).get("items") or []
+            if not items:
+                continue
+            d = diagnose([r["prediction"] or "" for r in items], [r["reference"] for r in items])
+            per_field = ", ".join(f"{f.name} {_pct(f.accuracy)}" for f in d.fields[:FIELDS_SHOWN])
+            rows.append([f"{tenant}/{task_label(task)}", label, per_field, _pct(d.majority_share),
+                         "; ".join(d.warnings) or "-"])  # fmt: skip
+    return ["tenant/task", "model", "accuracy per field", "majority baseline", "warnings"], rows
 
 
 def _data_table(tasks: dict[str, str], data: dict) -> tuple[list[str], list[list[str]]]:
@@ -373,6 +391,8 @@ def write_demo_report(
     blocks += [("h2", "Claims"), *(("p", "- " + c) for c in found)]
     blocks += [("h2", "Accuracy (held-out split, through the gateway)"), ("table", *_accuracy_table(acc))]
     blocks += [("h2", "Answers that went wrong (a few per model)"), ("table", *wrong_answers(results, tasks))]
+    blocks += [("h2", "Diagnostics (per answer field; the majority baseline; collapse)"),
+               ("table", *diagnostics(results, tasks))]  # fmt: skip
     if data:
         blocks += [("h2", "Data checks"), ("table", *_data_table(tasks, data))]
     blocks += [("h2", "Latency and cost at the SLO (goodput)"), ("table", *_cost_table(results, plan.usd_per_hour))]

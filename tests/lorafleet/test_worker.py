@@ -90,6 +90,19 @@ def test_a_job_runs_to_a_registered_version_granted_to_its_tenant(setup):
     assert store.alias(f"{done.fine_tuned_model}:ckpt-step-2") is not None  # the final checkpoint is callable too
 
 
+def test_auto_hyperparameters_run_the_search_judged_by_the_score(setup):
+    cfg, store, train, valid = setup
+    jid = job(cfg, store, train, valid, hyperparameters={})  # every hyperparameter "auto", as OpenAI's default
+    Worker(store, cfg, name="w1").run(store.claim_job("w1"))
+    done = store.job(jid)
+    assert done.status == "succeeded", done.error
+    (version,) = store.versions(done.fine_tuned_model)
+    report = json.loads(open(f"{version.path}/lorafleet_train.json").read())
+    assert report["auto"]["candidates"][0]["name"] == "recipe" and report["score"]["n"] == 1  # 8 lines: 1 held out
+    messages = [e.message for e in store.events(jid, limit=200)[0]]
+    assert any(m.startswith("auto: chose ") for m in messages)
+
+
 def test_each_epoch_but_the_last_leaves_a_servable_checkpoint(setup):
     cfg, store, train, _ = setup
     jid = job(cfg, store, train, hyperparameters={"n_epochs": 3, "batch_size": 4})  # 2 steps per epoch

@@ -103,3 +103,27 @@ def test_events_page_newest_first_and_stale_jobs_are_found(store):
     assert store.stale_jobs(older_than_s=3600) == [] and [j.id for j in store.stale_jobs(older_than_s=-1)] == [job.id]
     store.update_job(job.id, cancel_requested=1)
     assert store.heartbeat(job.id) is False  # the worker learns of the cancel on its next beat
+
+
+def test_the_in_memory_store_takes_one_transaction_at_a_time_from_many_threads():
+    """`memory` (the default) is one SQLite connection for every thread: the gateway's and a worker's transactions
+    must not interleave on it (they did: "cannot commit - no transaction is active", and the worker thread died)."""
+    store = Store("memory")
+    jid = store.create_job(tenant="acme", model="base", training_file="file-x", status="queued").id
+    errors: list[Exception] = []
+
+    def write(i: int) -> None:
+        try:
+            for k in range(40):
+                store.event(jid, f"thread {i} event {k}")
+        except Exception as e:  # noqa: BLE001 - any failure is the finding
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(e.message.startswith("thread ") for e in store.events(jid, limit=1000)[0]) == 160
+    store.close()

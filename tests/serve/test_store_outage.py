@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import httpx
 
 from lorafleet.core.net import free_port
 from lorafleet.services import PostgresServer
+from lorafleet.worker import Worker
 from serve.gateway.app import ServerThread, create_app
 from tests.conftest import MODELS
 from tests.serve.conftest import ADMIN_KEY, KEYS, config, scrape, tenant
@@ -31,7 +33,7 @@ def _billed(gw) -> int:
     return next(t for t in rows if t["name"] == "acme")["usage"]["requests"]
 
 
-def test_postgresql_away_gives_503s_where_needed_and_loses_no_usage(fake_engine):
+def test_postgresql_away_gives_503s_where_needed_and_loses_no_usage(fake_engine, capsys):
     root = Path(tempfile.mkdtemp(prefix="lorafleet-pg-outage-"))  # pytest's folders are closed to `postgres`
     root.chmod(0o711)
     pg = PostgresServer(root / "pg").start()
@@ -40,6 +42,9 @@ def test_postgresql_away_gives_503s_where_needed_and_loses_no_usage(fake_engine)
               "urls": [fake_engine.url]}  # fmt: skip
     cfg = config([engine], [tenant("acme", ["fake-base"])], store_url=url, store_poll_s=0.2)
     gw = ServerThread(create_app(cfg), port=free_port()).start()
+    worker = Worker(gw.gateway.store, cfg, name="outage", poll_s=0.2)  # polls the same database
+    polling = threading.Thread(target=worker.run_forever, daemon=True)
+    polling.start()
     try:
         assert _chat(gw).status_code == 200
         assert httpx.get(f"{gw.url}/v1/files", headers=ACME).status_code == 200
@@ -59,7 +64,10 @@ def test_postgresql_away_gives_503s_where_needed_and_loses_no_usage(fake_engine)
         assert wait_for(lambda: httpx.get(f"{gw.url}/health").json() == {"status": "ok"}, timeout=20)
         assert httpx.get(f"{gw.url}/v1/files", headers=ACME).status_code == 200
         assert scrape(gw.url, "lorafleet_state_up", part="store") == 1
+        # the worker met the outage and waited it out (STORE_RETRY_S) instead of dying with it
+        assert polling.is_alive() and "is unreachable" in capsys.readouterr().out
     finally:
+        worker.stop.set()
         gw.stop()
     # what was metered while the database was away reached the ledger: a new gateway bills all 4 requests
     again = ServerThread(create_app(cfg), port=free_port()).start()

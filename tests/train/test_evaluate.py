@@ -99,7 +99,7 @@ def test_learning_curve_trains_each_size_and_writes_json_and_png(tmp_path, monke
         size = 0 if adapter is None else int(adapter.name[1:])
         return {"accuracy": size / 100, "mean_score": size / 80}
 
-    monkeypatch.setattr(evaluate, "train", fake_train)
+    monkeypatch.setattr(evaluate, "run_training", fake_train)
     monkeypatch.setattr(evaluate, "evaluate_offline", fake_eval)
     res = learning_curve("contract", [10, 40], eval_n=7, out_dir=tmp_path / "curve")
     assert trained == [10, 40]

@@ -183,6 +183,21 @@ def test_batches_cover_every_example_once_and_group_lengths(tmp_path, data_file)
     assert padding(batches) < padding(random_batches) / 4
 
 
+def test_balance_gives_a_rare_verdict_as_large_a_share_of_each_epoch_as_the_common_one(tmp_path):
+    def row(i: int, verdict: str) -> dict:
+        answer = json.dumps({"verdict": verdict, "id": i})
+        return {"messages": [{"role": "user", "content": f"claim {i}"}, {"role": "assistant", "content": answer}]}
+
+    data = write_jsonl(tmp_path / "skewed.jsonl", [row(i, "reject" if i % 10 == 0 else "approve") for i in range(100)])
+    run = setup(tiny(tmp_path, data, balance="verdict", eval_fraction=0.0), log=lambda _: None)
+    assert run.data.report["balance"] == {"approve": 90, "reject": 10}
+    drawn = [run.data.train[i].group for e in range(3) for b in epoch_batches(run.lengths, run.cfg, e, run.weights)
+             for i in b]  # fmt: skip
+    assert len(drawn) == 300 and 0.35 < drawn.count("reject") / 300 < 0.65  # 10 % of the data, about half the draws
+    plain = setup(tiny(tmp_path, data, eval_fraction=0.0), log=lambda _: None)
+    assert plain.weights is None and "balance" not in plain.data.report
+
+
 def test_token_budget_batches_stay_under_budget(tmp_path, data_file):
     cfg = tiny(tmp_path, data_file, batch_tokens=600, max_len=512)
     lengths = [10 + (i * 37) % 200 for i in range(64)]

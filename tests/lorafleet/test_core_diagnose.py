@@ -1,0 +1,67 @@
+"""lorafleet/core/diagnose.py: per-field accuracy and confusion, the majority baseline, and the collapse warning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorafleet.core.diagnose import diagnose, fields_of
+
+
+def verdict(v: str, flags: list[str]) -> str:
+    return json.dumps({"verdict": v, "flags": flags})
+
+
+APPROVE, LATE = verdict("approve", []), verdict("reject", ["late"])
+
+
+def test_a_run_collapsed_onto_the_majority_verdict_is_named_in_plain_words():
+    refs = [APPROVE] * 74 + [LATE] * 26
+    d = diagnose([APPROVE] * 100, refs)
+    assert d.majority_share == 0.74 and d.majority_answer == APPROVE
+    assert f"predicts `{APPROVE}` for 100% of inputs; 26% of references are `{LATE}`" in d.warnings
+    assert "verdict: predicts `approve` for 100% of inputs; 26% of references are `reject`" in d.warnings
+    field = {f.name: f for f in d.fields}["verdict"]
+    assert field.accuracy == 0.74 and field.confusion == {"approve": {"approve": 74}, "reject": {"approve": 26}}
+    assert "WARNING: verdict: predicts `approve`" in d.text()
+
+
+def test_a_model_that_predicts_both_classes_gets_no_warning_and_per_item_recall():
+    refs = [APPROVE] * 74 + [LATE] * 26
+    preds = [APPROVE] * 70 + [LATE] * 4 + [LATE] * 20 + [APPROVE] * 6
+    d = diagnose(preds, refs)
+    assert d.warnings == []
+    flags = {f.name: f for f in d.fields}["flags"]
+    assert flags.items["late"] == {
+        "support": 26,
+        "recall": pytest.approx(20 / 26),
+        "precision": pytest.approx(20 / 24),
+    }
+    assert {f.name: f.accuracy for f in d.fields} == {"verdict": 0.9, "flags": 0.9}
+
+
+def test_a_plain_label_task_collapses_without_a_field_prefix():
+    d = diagnose(["billing"] * 20, ["billing"] * 14 + ["bug_report"] * 6)
+    assert d.warnings == ["predicts `billing` for 100% of inputs; 30% of references are `bug_report`"]
+
+
+def test_no_warning_when_the_references_are_themselves_one_answer_or_too_few():
+    assert diagnose(["a"] * 20, ["a"] * 20).warnings == []
+    assert diagnose(["a"] * 5, ["a"] * 3 + ["b"] * 2).warnings == []  # 5 answers say nothing
+
+
+def test_text_answers_to_a_json_task_count_as_wrong_in_every_field():
+    d = diagnose(["sure, approved!"] * 10, [APPROVE] * 5 + [LATE] * 5)
+    assert {f.name: f.accuracy for f in d.fields} == {"verdict": 0.0, "flags": 0.0}
+    assert {f.name: f.top_prediction for f in d.fields} == {"verdict": "<not JSON>", "flags": "<not JSON>"}
+
+
+def test_list_fields_compare_as_sets_and_text_answers_ignore_case_and_spacing():
+    assert fields_of('{"flags": ["b", "a"]}') == fields_of('{"flags": ["a", "b"]}')
+    assert fields_of("  Billing ") == fields_of("billing")
+
+
+def test_mismatched_lengths_are_refused():
+    with pytest.raises(ValueError, match="as many predictions"):
+        diagnose(["a"], ["a", "b"])
