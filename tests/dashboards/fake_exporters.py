@@ -37,13 +37,26 @@ TTFT_CYCLE = (0.2, 0.4, 0.6, 0.8, 1.5)  # 4 of 5 under the 1 s SLO bucket: attai
 SLO_ATTAINMENT = 0.8
 
 
+# A scrape between two observations of one tick would see half a TTFT cycle or tokens without their cost, and a
+# rate over that sample is off by a hair; ticks and scrapes take turns instead.
+TICK_LOCK = threading.Lock()
+
+
+class TickRegistry(CollectorRegistry):
+    """A registry whose scrapes wait for the tick in progress."""
+
+    def collect(self):
+        with TICK_LOCK:
+            return iter(list(super().collect()))
+
+
 def _engine_of(model: str) -> str:
     return next(up for up, (_, models, _) in UPSTREAMS.items() if model in models)
 
 
 class GatewayMetrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        r = self.registry = TickRegistry()
         tm = ["tenant", "model"]
         self.requests = Counter("lorafleet_requests", "requests", [*tm, "code"], registry=r)
         self.tokens = Counter("lorafleet_tokens", "tokens", [*tm, "kind"], registry=r)
@@ -97,7 +110,7 @@ class EngineMetrics:
     """One vLLM engine's series, named and labelled as vllm/v1/metrics/loggers.py does."""
 
     def __init__(self, model_name: str) -> None:
-        r = self.registry = CollectorRegistry()
+        r = self.registry = TickRegistry()
         lab = ["model_name", "engine"]
         self.labels = (model_name, "0")
         self.running = Gauge("vllm:num_requests_running", "running", lab, registry=r)
@@ -129,7 +142,7 @@ class EngineMetrics:
 
 class BenchMetrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        r = self.registry = TickRegistry()
         tm = ["target", "model"]
         self.requests = Counter("lorafleet_bench_requests", "requests", [*tm, "status"], registry=r)
         self.ttft = Histogram("lorafleet_bench_ttft_seconds", "ttft", tm, buckets=LATENCY_BUCKETS, registry=r)
@@ -193,6 +206,10 @@ class FakeFleet:
 
     def tick(self) -> None:
         """One step of made-up traffic; load swings slowly so the rendered panels show a shape."""
+        with TICK_LOCK:
+            self._tick()
+
+    def _tick(self) -> None:
         step = self.steps
         load = 0.5 + 0.4 * math.sin(step / 40)
         for tenant, models in TENANTS.items():

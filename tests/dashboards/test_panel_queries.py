@@ -37,10 +37,19 @@ def test_every_query_returns_data_from_fake_exporters(fake_stack):
     assert len(result.exprs) > 50
 
 
-def _values(prom_url: str, expr: str, label: str) -> dict[str, float]:
-    """`label` value -> sample value of an instant query."""
+def _values(prom_url: str, expr: str, label: str, timeout: float = 60) -> dict[str, float]:
+    """`label` value -> sample value of an instant query, polled until it answers.
+
+    Each rule group is evaluated on its own schedule, so the SLO group may not have run yet when the cost rules
+    the dashboards read already have (CI stop 24 read an empty miss ratio).
+    """
+    deadline = time.monotonic() + timeout
     with httpx.Client(timeout=10) as c:
-        return {s["metric"].get(label, ""): float(s["value"][1]) for s in instant_query(c, prom_url, expr)}
+        while True:
+            found = {s["metric"].get(label, ""): float(s["value"][1]) for s in instant_query(c, prom_url, expr)}
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
 
 
 @pytest.mark.slow
