@@ -76,6 +76,65 @@ def _bench_case(tokens: int, adapters: int, layers: int, rank: int, slots: int) 
     return t_theirs, t_ours, err
 
 
+def _layer_case(tokens: int, adapters: int, layers: int, rank: int, slots: int) -> dict[str, float]:
+    """ms of one forward pass's fused LoRA layers, mixed batches computed masked or by segment, and of the base
+    projections of the same layers (float32, as vLLM runs SmolLM2 on CPU)."""
+    cpu_lora._STACKS.clear()  # keyed by storage address, which the last case's freed weights may share
+    g = torch.Generator().manual_seed(0)
+    weights = [
+        (
+            tuple(torch.randn(slots, 1, rank, d_in, generator=g) / 50 for _ in slices),
+            tuple(torch.randn(slots, 1, s, rank, generator=g) / 50 for s in slices),
+        )
+        for d_in, slices in SMOLLM2_LAYER
+    ]
+    base = [torch.randn(sum(slices), d_in, generator=g) for d_in, slices in SMOLLM2_LAYER]
+    x_by_in = {d: torch.randn(tokens, d, generator=g) for d in (576, 1536)}
+    ys = [torch.zeros(tokens, sum(slices)) for _, slices in SMOLLM2_LAYER]
+    wrapper = type("Wrapper", (), {})()
+    wrapper._lorafleet_plan = cpu_lora.make_plan(torch.arange(tokens) % adapters)
+
+    def lora() -> None:
+        for (d_in, slices), (a, b), y in zip(SMOLLM2_LAYER, weights, ys, strict=True):
+            cpu_lora.add_lora_linear(wrapper, y, x_by_in[d_in], a, b, 1.0, slices)
+
+    def projections() -> None:
+        for (d_in, _), w in zip(SMOLLM2_LAYER, base, strict=True):
+            torch.nn.functional.linear(x_by_in[d_in], w)
+
+    def ms(fn) -> float:
+        fn()  # warm-up (and the stacked weights)
+        t0 = time.perf_counter()
+        for _ in range(layers):
+            fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    result, threshold = {"base": ms(projections)}, cpu_lora.SEGMENT_MIN_TOKENS
+    try:
+        for path, value in (("masked", 10**9), ("segmented", 0)):
+            cpu_lora.SEGMENT_MIN_TOKENS = value
+            wrapper._lorafleet_plan.masks.clear()
+            result[path] = ms(lora)
+    finally:
+        cpu_lora.SEGMENT_MIN_TOKENS = threshold
+    return result
+
+
+def layer_bench(layers: int, slots: int) -> None:
+    print(f"\nFused LoRA layers of one forward pass ({layers} layers, r=8 adapters, {slots} slots), float32;")
+    print(f"mixed batches computed against every adapter and masked, or by segment (default: >= "
+          f"{cpu_lora.SEGMENT_MIN_TOKENS} adapter tokens); x: LoRA ms / base projections ms")  # fmt: skip
+    print(f"{'case':34} {'base ms':>8} {'masked ms':>10} {'segment ms':>11} {'masked x':>9} {'segment x':>10}")
+    for tokens in (16, 64, 256, 1024):
+        for adapters in sorted({3, 6, min(8, slots)}):
+            r = _layer_case(tokens, adapters, layers, 8, slots)
+            name = f"{tokens} tokens, {adapters} adapter{'s' if adapters > 1 else ''}"
+            print(
+                f"{name:34} {r['base']:8.1f} {r['masked']:10.1f} {r['segmented']:11.1f} "
+                f"{r['masked'] / r['base']:9.3f} {r['segmented'] / r['base']:10.3f}"
+            )
+
+
 async def _timed_requests(url: str, items: list[dict], concurrency: int) -> tuple[float, int]:
     """The items' prompts to the adapter, not streamed, `concurrency` at a time: (wall seconds, output tokens)."""
     target = Target(name="cpu-lora", base_url=f"{url}/v1", model="adapter", price={"usd_per_hour": 1})
@@ -142,6 +201,7 @@ def main() -> None:
     for name, tokens, adapters in cases:
         t_theirs, t_ours, err = _bench_case(tokens, adapters, args.layers, args.rank, args.slots)
         print(f"{name:34} {t_theirs * 1e3:12.1f} {t_ours * 1e3:9.1f} {t_theirs / t_ours:8.1f}x {err:13.2e}")
+    layer_bench(args.layers, max(args.slots, 8))
     if args.engine:
         engine_bench(args.engine, args.task, args.requests, args.concurrency)
 

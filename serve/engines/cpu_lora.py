@@ -11,14 +11,17 @@ slot, so a base-model request batched beside adapter requests got the last slot'
 
 On top of the ops, each LoRA layer is applied as a whole (`add_lora_linear`, replacing vLLM's loop of one shrink
 and one expand per slice): the batch's slot plan is worked out once per batch, not per op; a batch without adapter
-tokens does no LoRA work at all; and any other batch costs one matmul for the shrink of every slice and one per
-slice for the expand, on weights stacked once per set of slots in use (trimmed to the rank the loaded adapters
-really have). Tokens of a mixed batch are computed against every adapter in the batch and masked to their own: n
-adapters cost n times the (rank-sized) FLOPs of one, which on these shapes is far cheaper than a loop of small ops
-per adapter. vLLM writes a slot only when it activates an adapter; that
-drops the stacked copies.
+tokens does no LoRA work at all; and any other batch costs one matmul for the shrink of every slice and one for
+the expand of every slice (B block-diagonal by slice), on weights stacked once per set of slots in use (trimmed to
+the rank the loaded adapters really have). Tokens of a decode-sized mixed batch are computed against every adapter
+in the batch and masked to their own: n adapters cost n times the (rank-sized) FLOPs of one, which on these shapes
+is far cheaper than a loop of small ops per adapter; a prefill-sized one goes adapter by adapter, each on its own
+tokens (SGMV-style), where the wasted FLOPs would cost more than the loop. vLLM writes a slot only when it
+activates an adapter; that drops the stacked copies.
 
 LORAFLEET_CPU_LORA=ops keeps only the per-op replacements; =0 runs vLLM's own ops (to compare).
+LoRA engines are compiled as vLLM compiles LoRA-off ones (LORAFLEET_CPU_LORA_COMPILE=0: eager, vLLM's CPU default;
+see "compiled engines" below).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+
+from serve.engines.engine import LORA_COMPILE_ENV
 
 ENV = "LORAFLEET_CPU_LORA"
 ALL_SLOTS_MAX_TOKENS = 64  # up to this many tokens, one matmul over all slots (see lora_matmul)
@@ -123,7 +128,12 @@ def bgmv_expand_slice(
 
 # --- one LoRA layer at a time (PunicaWrapperCPU.add_lora_linear) ---
 
-STACKS_PER_LAYER = 4  # stacked copies kept per layer, one per set of slots in use
+STACKS_PER_LAYER = 4  # stacked copies of several slots kept per layer, one per set of slots in use
+# A mixed batch with at least this many adapter tokens (a prefill) is computed adapter by adapter, each on its own
+# tokens; a smaller one (decode) against every adapter at once, masked, where fewer, larger matmuls win. Measured
+# by `python -m lorafleet.benches.cpu_lora` (LoRA ms / base ms, SmolLM2, 8 adapters): 16 tokens 0.26 masked vs 0.42
+# by adapter, 64 tokens 0.26 vs 0.24, 256 tokens 0.30 vs 0.16, 1024 tokens 0.32 vs 0.16.
+SEGMENT_MIN_TOKENS = 128
 
 
 @dataclass
@@ -135,7 +145,13 @@ class Plan:
     slots: tuple[int, ...]  # slots used by at least one token, ascending; () when no token has an adapter
     pos: torch.Tensor  # [tokens]: position of each token's slot in `slots`; -1 without an adapter
     uniform: bool  # every token uses slots[0]
+    order: torch.Tensor  # the tokens with an adapter, grouped by slot (in the order of `slots`)
+    segments: tuple[tuple[int, int, int], ...]  # (slot, start, end) of each slot's tokens in `order`
     masks: dict = field(default_factory=dict)
+
+    @property
+    def segmented(self) -> bool:
+        return not self.uniform and len(self.order) >= SEGMENT_MIN_TOKENS
 
     def mask(self, slices: int, rank: int, dtype: torch.dtype, scale: float) -> torch.Tensor:
         """[tokens, slices * len(slots) * rank]: `scale` where a column belongs to the token's own slot, else 0."""
@@ -152,17 +168,24 @@ def make_plan(idx: torch.Tensor) -> Plan:
     lookup = torch.full((max(slots, default=0) + 2,), -1)  # index -1 reads the last entry: -1
     lookup[list(slots)] = torch.arange(len(slots))
     pos = lookup[idx]
-    return Plan(idx.shape[0], slots, pos, len(slots) == 1 and bool((pos == 0).all()))
+    has = (pos >= 0).nonzero().squeeze(1)
+    order = has[torch.argsort(pos[has], stable=True)]
+    ends = torch.bincount(pos[has], minlength=len(slots)).cumsum(0).tolist()
+    segments = tuple(zip(slots, [0, *ends][:-1], ends, strict=True))
+    return Plan(idx.shape[0], slots, pos, len(slots) == 1 and len(has) == idx.shape[0], order, segments)
 
 
-_STACKS: dict[int, dict] = {}  # id(a layer's lora_a_stacked) -> {slots: (a_t, bs, rank)}; emptied on every slot write
+# a layer's first lora_a_stacked tensor (its storage: a compiled graph hands the op new tuples of the same tensors)
+# -> {slots: (a_t, bs, rank)}; emptied on every slot write
+_STACKS: dict[int, dict] = {}
 
 
 def stacked(a_stacked, b_stacked, slots: tuple[int, ...], dtype: torch.dtype):
     """The layer's weights for `slots`, laid out for two matmuls: a_t [in, slices * n * rank] (columns ordered by
-    slice, then slot, then rank) and one b [n * rank, out_slice] per slice. Rank rows that are zero in every slot's
-    A (vLLM pads each adapter to --max-lora-rank) are left out: they add exactly nothing."""
-    cache = _STACKS.setdefault(id(a_stacked), {})
+    slice, then slot, then rank) and b [slices * n * rank, sum of the slices' outputs], block-diagonal by slice.
+    Rank rows that are zero in every slot's A (vLLM pads each adapter to --max-lora-rank) are left out: they add
+    exactly nothing."""
+    cache = _STACKS.setdefault(a_stacked[0].data_ptr(), {})
     if slots in cache:
         return cache[slots]
     pick = torch.tensor(slots)
@@ -174,55 +197,173 @@ def stacked(a_stacked, b_stacked, slots: tuple[int, ...], dtype: torch.dtype):
         w.squeeze(1).index_select(0, pick)[:, :, :rank].transpose(1, 2).reshape(len(slots) * rank, -1).to(dtype)
         for w in b_stacked
     ]
-    if len(cache) >= STACKS_PER_LAYER:
-        cache.pop(next(iter(cache)))
-    cache[slots] = (a_t, bs, rank)
+    # one block-diagonal B for all slices: a single matmul and a single add into y, where a loop over the slices
+    # cost three small ops each; the zero blocks add rank-sized FLOPs, far cheaper here than the per-op overhead
+    b = torch.block_diag(*bs).contiguous()
+    several = [k for k in cache if len(k) > 1]
+    if len(slots) > 1 and len(several) >= STACKS_PER_LAYER:  # one slot's copy each is bounded by --max-loras
+        cache.pop(several[0])
+    cache[slots] = (a_t, b, rank)
     return cache[slots]
 
 
 def update_metadata(self, mapping, *args, **kwargs):
     _ORIGINAL["update_metadata"](self, mapping, *args, **kwargs)
+    _LIVE[:] = [self]
     self._lorafleet_plan = make_plan(self.token_lora_indices)
+    self._lorafleet_sampler_plan = make_plan(self.sampler_indices)  # one row per sampled token (the lm_head's)
 
 
 def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
-    """y[:, slice s] += scale * x @ A_s[slot].T @ B_s[slot].T for every token with a slot, every slice s."""
+    """y[:, slice s] += scale * x @ A_s[slot].T @ B_s[slot].T for every token with a slot, every slice s.
+
+    Every tensor op here costs microseconds of dispatch, as much as a decode batch's rank-sized matmul: the code
+    keeps to as few ops as it can (no view or cast that is not needed, the expand added into y by addmm_).
+    """
     plan: Plan | None = getattr(self, "_lorafleet_plan", None)
-    x2 = x.view(-1, x.shape[-1])
-    if (
-        plan is None or plan.tokens != x2.shape[0]
-    ):  # a batch this plan was not made for: vLLM's loop over the ops above
+    x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
+    if plan is None or plan.tokens != x2.shape[0]:  # a batch this plan was not made for: vLLM's loop of ops
         return _ORIGINAL["add_lora_linear"](
             self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
         )
+    return apply_lora(plan, y, x2, lora_a_stacked, lora_b_stacked, scale, output_slices)
+
+
+def apply_lora(plan: Plan, y, x2, lora_a_stacked, lora_b_stacked, scale: float, output_slices) -> None:
     if not plan.slots:
         return None  # no token has an adapter
     # bf16/fp16 engines: the rank-sized intermediate stays float32, as in vLLM's kernels
     dtype = torch.float32 if x2.dtype in (torch.bfloat16, torch.float16) else x2.dtype
-    a_t, bs, rank = stacked(lora_a_stacked, lora_b_stacked, plan.slots, dtype)
-    h = x2.to(dtype) @ a_t
+    if x2.dtype != dtype:
+        x2 = x2.to(dtype)
+    y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+    width = sum(output_slices)
+    out = y2 if y2.shape[1] == width else y2[:, :width]
+    if plan.segmented:
+        return _add_by_segment(plan, out, x2, lora_a_stacked, lora_b_stacked, scale, dtype)
+    a_t, b, rank = stacked(lora_a_stacked, lora_b_stacked, plan.slots, dtype)
+    h = torch.mm(x2, a_t)
     if not plan.uniform:
-        h *= plan.mask(len(output_slices), rank, dtype, scale)
+        h.mul_(plan.mask(len(output_slices), rank, dtype, scale))
     elif scale != 1.0:
-        h *= scale
-    y2, width, offset = y.view(-1, y.shape[-1]), len(plan.slots) * rank, 0
-    for s, (b, size) in enumerate(zip(bs, output_slices, strict=True)):
-        y2[:, offset : offset + size] += (h[:, s * width : (s + 1) * width] @ b).to(y2.dtype)
-        offset += size
+        h.mul_(scale)
+    if out.dtype == dtype:
+        out.addmm_(h, b)
+    else:
+        out += torch.mm(h, b).to(out.dtype)
     return None
 
 
+def _add_by_segment(plan: Plan, out, x2, lora_a_stacked, lora_b_stacked, scale: float, dtype) -> None:
+    """Each adapter's tokens through its own weights only: no FLOPs spent on the other adapters (SGMV-style)."""
+    xs = x2.index_select(0, plan.order)
+    delta = xs.new_empty(xs.shape[0], out.shape[1])
+    for slot, start, end in plan.segments:
+        a_t, b, _ = stacked(lora_a_stacked, lora_b_stacked, (slot,), dtype)
+        torch.mm(torch.mm(xs[start:end], a_t), b, out=delta[start:end])
+    if scale != 1.0:
+        delta.mul_(scale)
+    out.index_add_(0, plan.order, delta if delta.dtype == out.dtype else delta.to(out.dtype))
+
+
+# (first lora_a_stacked storage, slot) -> whether that slot's adapter changes the layer; emptied on every slot write
+_ADAPTS: dict[tuple[int, int], bool] = {}
+
+
+def _adapts(a: torch.Tensor, b: torch.Tensor, slot: int) -> bool:
+    key = (a.data_ptr(), slot)
+    if key not in _ADAPTS:
+        _ADAPTS[key] = bool(a[slot].any()) and bool(b[slot].any())
+    return _ADAPTS[key]
+
+
 def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
-    plan: Plan | None = getattr(self, "_lorafleet_plan", None)
-    if plan is not None and not plan.slots:
-        return None  # no token of the batch has an adapter: no sampled token has one either
-    return _ORIGINAL["add_lora_logits"](self, y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
+    """The lm_head's LoRA for each sampled token, as add_lora_linear computes a layer's. vLLM wraps the lm_head
+    whenever LoRA is on, yet adapters rarely train it: slots whose lm_head weights are all zero cost nothing (before,
+    a mixed decode batch of 8 adapters multiplied 16 rows by 8 x 49,152 zero columns every step)."""
+    plan: Plan | None = getattr(self, "_lorafleet_sampler_plan", None)
+    x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
+    if plan is None or plan.tokens != x2.shape[0]:
+        return _ORIGINAL["add_lora_logits"](self, y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
+    if not any(_adapts(lora_a_stacked, lora_b_stacked, s) for s in plan.slots):
+        return None
+    return apply_lora(plan, y, x2, (lora_a_stacked,), (lora_b_stacked,), scale, (lora_b_stacked.shape[-2],))
+
+
+# --- compiled engines: the wrapper's methods as opaque ops ---
+#
+# vLLM's CPU platform runs every LoRA engine eagerly: its own CPU ops read the batch's slot mapping from Python
+# state (`indices_len`, `is_prefill`) that a graph traced once would freeze. Here (unless
+# LORAFLEET_CPU_LORA_COMPILE=0, or an engine's `compile_lora: false`) the engine is compiled like a LoRA-off one,
+# and the two wrapper methods the model's forward calls become custom ops: the graph calls them, and they read the
+# current batch's plan when they run, never when the graph was traced.
+
+_LIVE: list = []  # the engine process's punica wrapper, set by update_metadata before any forward pass
+COMPILE_ENV = LORA_COMPILE_ENV
+
+
+_LIB = torch.library.Library("lorafleet", "FRAGMENT")  # the ops below live as long as this object
+
+
+def _register(name: str, impl, fake) -> None:
+    """Define `lorafleet::name` straight on the dispatcher, as vLLM's direct_register_custom_op does: through
+    torch.library.custom_op's Python layer a call cost 69 us here, this way 13 us, and a SmolLM2 forward calls the
+    op 121 times (about 7 ms of a 150-180 ms decode step at 16 sequences)."""
+    _LIB.define(name + torch.library.infer_schema(impl, mutates_args=("y",)))
+    _LIB.impl(name, impl, "CPU")
+    torch.library.register_fake(f"lorafleet::{name}", fake, lib=_LIB)
+
+
+def _linear_op(
+    y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], b: list[torch.Tensor], scale: float, slices: list[int]
+) -> None:
+    if _LIVE:  # no batch metadata yet: no adapter either
+        add_lora_linear(_LIVE[0], y, x, tuple(a), tuple(b), scale, tuple(slices))
+
+
+def _embedding_op(y: torch.Tensor, x: torch.Tensor, b: torch.Tensor, add_inputs: bool) -> None:
+    if _LIVE:
+        _ORIGINAL["add_lora_embedding"](_LIVE[0], y, x, b, add_inputs)
+
+
+def _no_output(*args) -> None:
+    return None
+
+
+_register("add_lora_linear", _linear_op, _no_output)
+_register("add_lora_embedding", _embedding_op, _no_output)
+
+
+def add_lora_linear_compiled(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs):
+    if not torch.compiler.is_compiling():  # an engine run eagerly after all (e.g. -O0): no dispatcher detour
+        return add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
+    torch.ops.lorafleet.add_lora_linear(y, x, list(lora_a_stacked), list(lora_b_stacked), scale, list(output_slices))
+
+
+def add_lora_embedding_compiled(self, y, x, lora_b_stacked, add_inputs: bool = True, **kwargs):
+    if not torch.compiler.is_compiling():
+        return _ORIGINAL["add_lora_embedding"](self, y, x, lora_b_stacked, add_inputs, **kwargs)
+    torch.ops.lorafleet.add_lora_embedding(y, x, lora_b_stacked, add_inputs)
+
+
+def keep_compilation(original):
+    """CpuPlatform.check_and_update_config, but a LoRA engine keeps the compilation a LoRA-off one gets."""
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        lora, vllm_config.lora_config = vllm_config.lora_config, None
+        try:
+            original(vllm_config)
+        finally:
+            vllm_config.lora_config = lora
+
+    return classmethod(check_and_update_config)
 
 
 def activate_adapter(self, lora_id: int) -> bool:
     written = _ORIGINAL["activate_adapter"](self, lora_id)
     if written:  # a slot's weights changed in place: every stacked copy may hold the old ones
         _STACKS.clear()
+        _ADAPTS.clear()
     return written
 
 
@@ -239,7 +380,7 @@ PATCHED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_
 _ORIGINAL: dict = {}
 
 
-def install(fused: bool = True) -> bool:
+def install(fused: bool = True, compiled: bool = False) -> bool:
     """Swap the ops into vLLM's torch_ops (where its sgmv_* ops look them up) and its CPU punica wrapper; with
     `fused`, also the wrapper's per-layer methods, and a hook on the adapter manager's slot writes."""
     import vllm.lora.ops.torch_ops as ops_pkg
@@ -257,6 +398,14 @@ def install(fused: bool = True) -> bool:
         for name, fn in WRAPPER.items():
             _ORIGINAL[name] = getattr(punica_cpu.PunicaWrapperCPU, name)
             setattr(punica_cpu.PunicaWrapperCPU, name, fn)
+    if fused and compiled:
+        from vllm.platforms.cpu import CpuPlatform
+
+        _ORIGINAL["add_lora_embedding"] = punica_cpu.PunicaWrapperCPU.add_lora_embedding
+        punica_cpu.PunicaWrapperCPU.add_lora_linear = add_lora_linear_compiled
+        punica_cpu.PunicaWrapperCPU.add_lora_embedding = add_lora_embedding_compiled
+        CpuPlatform.check_and_update_config = keep_compilation(CpuPlatform.check_and_update_config)
+    if fused:
         _ORIGINAL["activate_adapter"] = LoRAModelManager.activate_adapter
         LoRAModelManager.activate_adapter = activate_adapter
     return True
@@ -264,8 +413,11 @@ def install(fused: bool = True) -> bool:
 
 def path() -> str:
     """Which LoRA kernels an engine started with this environment runs."""
+    fused = "lorafleet fused per-layer CPU LoRA, " + (
+        "compiled engine" if os.environ.get(COMPILE_ENV, "1") != "0" else "eager engine (vLLM's CPU default)"
+    )
     return {"0": "vLLM's own CPU LoRA ops", "ops": "lorafleet per-op CPU LoRA ops"}.get(
-        os.environ.get(ENV, "1"), "lorafleet fused per-layer CPU LoRA"
+        os.environ.get(ENV, "1"), fused
     )
 
 
@@ -276,7 +428,8 @@ def register() -> None:
         return
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu() and install(fused=mode != "ops"):
+    compiled = os.environ.get(COMPILE_ENV, "1") != "0"
+    if current_platform.is_cpu() and install(fused=mode != "ops", compiled=compiled):
         # one line in each engine's log, so a reader (and tests/serve/test_cpu_lora.py) can tell it is on
         print(
             f"lorafleet: CPU LoRA ops from serve.engines.cpu_lora installed: {path()} "

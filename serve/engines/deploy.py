@@ -182,6 +182,7 @@ def engine_specs(cfg: ServeConfig, gpus: int | None = None) -> dict[str, EngineS
                 host=e.host,
                 served_name=e.public_name,
                 enable_lora=e.enable_lora,
+                compile_lora=e.compile_lora,
                 max_lora_rank=e.max_lora_rank,
                 max_loras=e.max_loras,
                 max_cpu_loras=e.max_cpu_loras,

@@ -18,6 +18,8 @@ import httpx
 
 from lorafleet.core.errors import UserError
 
+LORA_COMPILE_ENV = "LORAFLEET_CPU_LORA_COMPILE"  # read by the CPU LoRA plugin in the engine's processes
+
 
 class EngineError(UserError, RuntimeError):
     """An engine failed to start or died; the message carries the tail of its log."""
@@ -31,6 +33,7 @@ class EngineSpec:
     served_name: str | None = None  # the name clients use for the base model; default: folder name
     host: str = "127.0.0.1"
     enable_lora: bool = True
+    compile_lora: bool = True  # CPU hosts: see serve.engines.cpu_lora, "compiled engines"
     max_lora_rank: int = 16
     max_loras: int = 4
     max_cpu_loras: int | None = None
@@ -67,6 +70,8 @@ class EngineSpec:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_bind
         # The gateway loads adapters at run time through /v1/load_lora_adapter.
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"
+        if not self.compile_lora:
+            env[LORA_COMPILE_ENV] = "0"  # else the plugin's default (on), or what the environment says
         env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         return env

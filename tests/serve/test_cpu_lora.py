@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -94,19 +95,23 @@ def test_register_installs_once_and_honours_the_off_switch(monkeypatch):
     import vllm.lora.ops.torch_ops.lora_ops as ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
     from vllm.lora.model_manager import LoRAModelManager
+    from vllm.platforms.cpu import CpuPlatform
 
     wrapper, manager = punica_cpu.PunicaWrapperCPU, LoRAModelManager
     saved = {n: getattr(ops, n) for n in cpu_lora.PATCHED}
-    saved_wrapper = {n: getattr(wrapper, n) for n in cpu_lora.WRAPPER}
-    saved_activate = manager.activate_adapter
+    saved_wrapper = {n: getattr(wrapper, n) for n in (*cpu_lora.WRAPPER, "add_lora_embedding")}
+    saved_activate, saved_check = manager.activate_adapter, CpuPlatform.__dict__["check_and_update_config"]
     try:
         monkeypatch.setenv(cpu_lora.ENV, "0")
         cpu_lora.register()
         assert ops.bgmv_shrink is saved["bgmv_shrink"] or ops.bgmv_shrink is cpu_lora.bgmv_shrink
         monkeypatch.setenv(cpu_lora.ENV, "1")
+        monkeypatch.delenv(cpu_lora.COMPILE_ENV, raising=False)  # the default: compiled
         cpu_lora.register()
         assert ops.bgmv_shrink is cpu_lora.bgmv_shrink and punica_cpu.bgmv_expand is cpu_lora.bgmv_expand
-        assert wrapper.add_lora_linear is cpu_lora.add_lora_linear
+        assert wrapper.add_lora_linear is cpu_lora.add_lora_linear_compiled
+        assert wrapper.add_lora_embedding is cpu_lora.add_lora_embedding_compiled
+        assert CpuPlatform.__dict__["check_and_update_config"] is not saved_check
         assert manager.activate_adapter is cpu_lora.activate_adapter
         assert cpu_lora.install() is False  # vLLM may load plugins more than once per process
     finally:
@@ -116,6 +121,7 @@ def test_register_installs_once_and_honours_the_off_switch(monkeypatch):
         for n, fn in saved_wrapper.items():
             setattr(wrapper, n, fn)
         manager.activate_adapter = saved_activate
+        CpuPlatform.check_and_update_config = saved_check
         cpu_lora._ORIGINAL.clear()
 
 
@@ -182,22 +188,25 @@ def layer_weights(seed: int, rank: int = 8, slices=OUTS):
     return a, b
 
 
-def expected(y, x, a, b, slot_of_token: list[int], slices=OUTS) -> torch.Tensor:
-    """Row by row in float64: y[t, slice s] + x[t] @ A_s[slot].T @ B_s[slot].T; nothing for slot -1."""
+def expected(y, x, a, b, slot_of_token: list[int], slices=OUTS, scale: float = 1.0) -> torch.Tensor:
+    """Row by row in float64: y[t, slice s] + scale * x[t] @ A_s[slot].T @ B_s[slot].T; nothing for slot -1."""
     out = y.double().clone()
     for t, slot in enumerate(slot_of_token):
         offset = 0
         for s, size in enumerate(slices):
             if slot >= 0:
                 h = a[s][slot, 0].double() @ x[t].double()
-                out[t, offset : offset + size] += b[s][slot, 0].double() @ h
+                out[t, offset : offset + size] += scale * (b[s][slot, 0].double() @ h)
             offset += size
     return out
 
 
 @pytest.mark.parametrize("tokens", [1, 16, 64, 65, 200])
 @pytest.mark.parametrize("layout", ["uniform", "mixed", "none", "one-beside-base"])
-def test_fused_layer_matches_row_by_row_reference(tokens, layout, ops_installed):
+@pytest.mark.parametrize(("path", "scale"), [("masked", 1.0), ("segmented", 1.0), ("masked", 0.5), ("segmented", 0.5)])
+def test_fused_layer_matches_row_by_row_reference(tokens, layout, path, scale, ops_installed, monkeypatch):
+    """Both ways of computing a mixed batch: every adapter at once and masked, or each adapter on its own tokens."""
+    monkeypatch.setattr(cpu_lora, "SEGMENT_MIN_TOKENS", 0 if path == "segmented" else 10**9)
     cpu_lora._STACKS.clear()
     slot_ids = [11, 12, None, 14]  # adapter id per slot; slot 2 empty
     ids = {"uniform": [12] * tokens, "none": [0] * tokens, "one-beside-base": [14, 0] * tokens,
@@ -206,9 +215,9 @@ def test_fused_layer_matches_row_by_row_reference(tokens, layout, ops_installed)
     g = torch.Generator().manual_seed(tokens)
     x, y = torch.randn(tokens, IN, generator=g), torch.randn(tokens, sum(OUTS), generator=g)
     a, b = layer_weights(seed=3)
-    want = expected(y, x, a, b, [slot_of[i] for i in ids])
+    want = expected(y, x, a, b, [slot_of[i] for i in ids], scale=scale)
     wrapper = punica(slot_ids, ids)
-    cpu_lora.add_lora_linear(wrapper, y, x, a, b, 1.0, OUTS)
+    cpu_lora.add_lora_linear(wrapper, y, x, a, b, scale, OUTS)
     assert torch.allclose(y.double(), want, atol=1e-5)
 
 
@@ -233,10 +242,59 @@ def test_a_slot_written_again_is_never_served_from_the_old_stack(monkeypatch):
     for w in (*a, *b):  # what vLLM's set_lora does when another adapter takes slot 0
         w[0].mul_(-2)
     monkeypatch.setitem(cpu_lora._ORIGINAL, "activate_adapter", lambda manager, lora_id: True)
+    assert cpu_lora._adapts(a[0], b[0], 0)
     assert cpu_lora.activate_adapter(None, 99) is True
+    assert not cpu_lora._ADAPTS  # whether a slot adapts the lm_head is asked again too
     second = torch.zeros(4, sum(OUTS))
     cpu_lora.add_lora_linear(wrapper, second, x, a, b, 1.0, OUTS)
     assert torch.allclose(second, first * 4, atol=1e-5)  # A and B both scaled by -2
+
+
+def test_lm_head_lora_is_added_per_sampled_token_and_skipped_where_no_adapter_trains_it(ops_installed, monkeypatch):
+    cpu_lora._STACKS.clear()
+    cpu_lora._ADAPTS.clear()
+    vocab = 40
+    (a,), (b,) = layer_weights(seed=6, slices=(vocab,))
+    a[1], b[1] = 0, 0  # adapter 12 leaves the lm_head alone, as nearly every PEFT adapter does
+    slot_ids, slot_of = [11, 12, None, 14], {0: -1, 11: 0, 12: 1, 14: 3}
+    ids = [11, 12, 0, 14, 11, 12]
+    x, y = torch.randn(len(ids), IN), torch.randn(len(ids), vocab)
+    want = expected(y, x, (a,), (b,), [slot_of[i] for i in ids], slices=(vocab,))
+    cpu_lora.add_lora_logits(punica(slot_ids, ids), y, x, a, b, 1.0)
+    assert torch.allclose(y.double(), want, atol=1e-5)
+
+    def no_work(*args):
+        raise AssertionError("computed the lm_head LoRA of adapters that leave it alone")
+
+    monkeypatch.setattr(cpu_lora, "apply_lora", no_work)
+    y = torch.randn(3, vocab)
+    before = y.clone()
+    cpu_lora.add_lora_logits(punica(slot_ids, [12, 0, 12]), y, torch.randn(3, IN), a, b, 1.0)
+    assert torch.equal(y, before)
+
+
+def test_a_graph_traced_once_applies_each_batchs_own_adapters(ops_installed):
+    """Compiled engines (the default; LORAFLEET_CPU_LORA_COMPILE=0 turns it off) trace the model once: the layer op must read the slot plan of
+    the batch it runs on, not the one it was traced with. One trace serves three batches with different slots."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    cpu_lora._STACKS.clear()
+    a, b = layer_weights(seed=4)
+    counter = CompileCounterWithBackend("aot_eager")  # functionalizes the in-place op like inductor does
+
+    @torch.compile(backend=counter, fullgraph=True, dynamic=False)
+    def layer(y, x):
+        cpu_lora.add_lora_linear_compiled(None, y, x, a, b, 1.0, OUTS)
+        return y * 1
+
+    slot_ids, slot_of = [11, 12, None, 14], {0: -1, 11: 0, 12: 1, 14: 3}
+    x = torch.randn(8, IN, generator=torch.Generator().manual_seed(1))
+    for ids in ([12] * 8, [0, 11, 12, 14] * 2, [0] * 8):
+        punica(slot_ids, ids)  # what vLLM does before each batch's forward pass
+        y = torch.randn(8, sum(OUTS), generator=torch.Generator().manual_seed(2))
+        want = expected(y, x, a, b, [slot_of[i] for i in ids])
+        assert torch.allclose(layer(y.clone(), x).double(), want, atol=1e-5), ids
+    assert counter.frame_count == 1
 
 
 def test_entry_point_is_registered_with_vllm():
@@ -301,34 +359,52 @@ def distance(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 def engine_queue(url: str) -> tuple[float, float]:
-    """The engine's running and waiting requests (its own gauges)."""
+    """The engine's running and waiting requests (its own gauges; waiting counts those deferred for max_loras)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     return metric(text, "vllm:num_requests_running"), metric(text, "vllm:num_requests_waiting")
 
 
-class CompanionStalled(AssertionError):
-    pass
+def engine_state(url: str, log_path) -> str:
+    """What to print when a request goes missing: the queue gauges, the adapters vLLM says run or wait, the log's
+    tail."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    loras = [line for line in text.splitlines() if line.startswith("vllm:lora_requests_info")]
+    tail = log_path.read_text(errors="replace").splitlines()[-15:] if log_path else []
+    return "\n".join([f"running, waiting: {engine_queue(url)}", *loras, "engine log tail:", *tail])
 
 
-def probes_beside(url: str, base: str, prefixes: list[list[int]], companions: list[str], prompt: str):
+COMPANION_FIRST_TOKEN_S, COMPANION_TRIES = 60, 3
+
+
+def probes_beside(url: str, base: str, prefixes: list[list[int]], companions: list[str], prompt: str, log_path=None):
     """Next-token log-probs of base requests (one per prefix) prefilled while one request per `companions` model
     is decoding, so that base and companion tokens share the engine's batches.
 
     With one companion per --max-loras slot, a single request of another adapter still running in the engine would
     keep the last companion waiting (vLLM schedules at most max_loras adapters at once), so it first waits for an
     idle engine; and whatever happens, the companions are stopped on the way out (they are long).
+
+    Companions start one at a time, each once the one before decodes. CI has seen one companion of four started
+    together get no token in minutes while the other three decoded, in no queue of the engine's (running 3, waiting
+    0): that is vLLM's liveness, not the slot isolation this measures, so a companion that gets no first token is
+    asked again (the lost request ends at its read timeout) and the engine's state is printed.
     """
     assert wait_for(lambda: engine_queue(url) == (0, 0), timeout=120), f"engine busy: {engine_queue(url)}"
-    decoding, stop = [threading.Event() for _ in companions], threading.Event()
-    with ThreadPoolExecutor(len(companions) + len(prefixes)) as pool:
-        streams = [
-            pool.submit(decode_stream, url, m, prompt, ev, stop) for m, ev in zip(companions, decoding, strict=True)
-        ]
+    stop = threading.Event()
+    with ThreadPoolExecutor(len(companions) * COMPANION_TRIES + len(prefixes)) as pool:
+        streams = []
         try:
-            if not all(ev.wait(120) for ev in decoding):
-                raise CompanionStalled(
-                    f"a companion got no token in 120 s; engine running, waiting: {engine_queue(url)}"
-                )
+            for model in companions:
+                for _ in range(COMPANION_TRIES):
+                    decoding = threading.Event()
+                    stream = pool.submit(decode_stream, url, model, prompt, decoding, stop)
+                    if decoding.wait(COMPANION_FIRST_TOKEN_S):
+                        streams.append(stream)
+                        break
+                    print(f"\na {model} companion got no token in {COMPANION_FIRST_TOKEN_S} s; asking again. "
+                          f"{engine_state(url, log_path)}")  # fmt: skip
+                else:
+                    raise AssertionError(f"no {model} companion decoded in {COMPANION_TRIES} tries")
             got = list(pool.map(lambda ids: next_token_logprobs(url, base, ids), prefixes))
         finally:
             stop.set()
@@ -340,8 +416,22 @@ def probes_beside(url: str, base: str, prefixes: list[list[int]], companions: li
 
 @pytest.mark.vllm
 @cpu_engine
-def test_engine_loads_the_plugin(vllm_engine):
-    assert "CPU LoRA ops from serve.engines.cpu_lora installed" in vllm_engine.log_path.read_text(errors="replace")
+def test_engine_loads_the_plugin_and_is_compiled(vllm_engine):
+    log = vllm_engine.log_path.read_text(errors="replace")
+    assert "CPU LoRA ops from serve.engines.cpu_lora installed: lorafleet fused per-layer CPU LoRA, compiled" in log
+    # vLLM's CPU platform would have set CompilationMode.NONE for a LoRA engine
+    assert "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log and "--enable-lora" in " ".join(
+        vllm_engine.spec.command()
+    )
+
+
+def test_an_engine_configured_eager_tells_the_plugin(tmp_path):
+    from serve.engines.engine import LORA_COMPILE_ENV, EngineSpec
+
+    eager = EngineSpec(name="e", model=tmp_path, port=8001, compile_lora=False).env()
+    assert eager[LORA_COMPILE_ENV] == "0"
+    default = EngineSpec(name="e", model=tmp_path, port=8001).env()  # the plugin's default (compiled), or the env's
+    assert default.get(LORA_COMPILE_ENV) == os.environ.get(LORA_COMPILE_ENV)
 
 
 @pytest.mark.vllm
@@ -395,15 +485,8 @@ def test_base_requests_stay_base_when_every_slot_holds_an_adapter(vllm_engine, s
     for i, name in enumerate(names):
         load_adapter(url, name, small_adapter(smollm2_path, tmp_path / name, seed=100 + i, std=0.05))
         next_token_logprobs(url, name, ids)  # takes a slot
-    try:
-        beside_adapters = probes_beside(url, base, prefixes, names, prompt)
-    except CompanionStalled as e:
-        # Seen once in CI and never reproduced: one adapter's companion got no first token in minutes while the
-        # other three decoded. That is a liveness question for vLLM's scheduler, not this test's (which slot base
-        # tokens read); say so and measure again once rather than lose the isolation check.
-        print(f"\n{e}; measuring once more")
-        beside_adapters = probes_beside(url, base, prefixes, names, prompt)
-    beside_base = probes_beside(url, base, prefixes, [base] * slots, prompt)
+    beside_adapters = probes_beside(url, base, prefixes, names, prompt, vllm_engine.log_path)
+    beside_base = probes_beside(url, base, prefixes, [base] * slots, prompt, vllm_engine.log_path)
     effects = [distance([next_token_logprobs(url, n, p) for p in prefixes], beside_base) for n in names]
     drift = distance(beside_adapters, beside_base)
     print(f"\nbase drift beside adapters {drift:.4f} nats; adapter effects {[round(e, 3) for e in effects]}")

@@ -115,7 +115,10 @@ def test_rpm_and_concurrency_limits_answer_429_with_retry_after(gw):
     codes = [post(gw, "tight", body) for _ in range(3)]
     assert [r.status_code for r in codes] == [200, 200, 429] and int(codes[2].headers["retry-after"]) >= 1
 
-    long = {"model": BASE, "messages": MSG, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    # Long enough that it is still running when the second request comes: vLLM merges the tokens a starved API
+    # process has not sent yet, so a short stream (200 tokens failed once in CI) can end right after its first chunk.
+    # Leaving the block hangs up, and the gateway aborts it in vLLM.
+    long = {"model": BASE, "messages": MSG, "max_tokens": 1000, "ignore_eos": True, "stream": True}
     with httpx.stream(
         "POST",
         f"{gw.url}/v1/chat/completions",

@@ -22,7 +22,8 @@ KEY = "sk-live-placement"
 @pytest.fixture(scope="module")
 def second_engine(smollm2_path, tmp_path_factory):
     """A second replica of the session engine's model (the session engine is the first)."""
-    cfg = one_engine_config(str(smollm2_path), tmp_path_factory.mktemp("vllm-2"), name="smollm2-b")
+    # eager: placement does not depend on the kernels, and compiling costs ~85 s more at start
+    cfg = one_engine_config(str(smollm2_path), tmp_path_factory.mktemp("vllm-2"), name="smollm2-b", compile_lora=False)
     with running_stack(cfg, "none", ready_timeout=600) as stack:
         yield stack.engines["smollm2-b"]
 

@@ -45,7 +45,17 @@ def last_events(raw: bytes) -> list:
 def test_killed_engine_is_restarted_and_its_adapters_come_back(smollm2_path, tmp_path):
     make_random_adapter(smollm2_path, tmp_path / "adapters" / "smol-a")
     cfg = config(
-        [{"name": "smol", "model": str(smollm2_path), "served_name": "smol", "port": free_port(), "max_loras": 1}],
+        # eager: restarting does not depend on the kernels, and compiling costs ~85 s more at each start
+        [
+            {
+                "name": "smol",
+                "model": str(smollm2_path),
+                "served_name": "smol",
+                "port": free_port(),
+                "max_loras": 1,
+                "compile_lora": False,
+            }
+        ],  # fmt: skip
         [tenant("acme", ["*"])],
         [{"name": "smol-a", "path": "smol-a", "base": "smol"}],
         adapters_root=tmp_path / "adapters",
