@@ -4,7 +4,7 @@ Starts one vLLM engine and the gateway (its own process, as in production) in fr
 the same run on the same engine:
   1. overhead: the same streaming load against the engine directly and through the gateway, in alternating
      rounds (ABBA), giving the output-throughput ratio and the added median TTFT (under load, and one request
-     at a time, where queueing does not hide it);
+     at a time, where queueing does not hide it); with --litellm, LiteLLM's proxy in the same rounds;
   2. cold adapter: first-token latency of an adapter's first request (hot-load included) minus a warm one;
   3. adapters: output throughput with requests spread over N distinct adapters vs all on one.
 Prints ratios and writes them as JSON under runs/serve-bench/.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,9 @@ from pathlib import Path
 
 from loadtest.client import ClientPool, RequestRecord, auth_headers, build_body, endpoint, stream_request
 from loadtest.config import Target
+from lorafleet.benches import litellm
 from lorafleet.core import paths
+from lorafleet.core.net import free_port
 from lorafleet.stack import Stack, one_engine_config, running_stack
 from train.export import random_adapter
 from train.models import model_path
@@ -48,6 +51,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probes", type=int, default=20, help="one-at-a-time TTFT probes per target")
     p.add_argument("--adapters", type=int, default=8, help="distinct adapters in the multi-adapter round")
     p.add_argument("--cold", type=int, default=3, help="adapters whose first request is timed")
+    p.add_argument(
+        "--litellm",
+        nargs="?",
+        const="install",
+        default=None,
+        metavar="PATH",
+        help="also measure LiteLLM's proxy in front of the same engine: its `litellm` executable, or none to "
+        f"install litellm[proxy]=={litellm.VERSION} on first use into <home>/tools/litellm",
+    )
     p.add_argument("--out", default=None, help="JSON results folder (default runs/serve-bench)")
     return p.parse_args(argv)
 
@@ -97,41 +109,52 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def overhead(args, direct: str, gateway: str, model: str, gateway_pid: int) -> dict:
-    runs = {"direct": [], "gateway": []}
-    gateway_cpu = 0.0
+def overhead(args, urls: dict[str, tuple[str, str]], model: str, pids: dict[str, int]) -> dict:
+    """The same load on every path in turn, the order reversed every other round (ABBA, ABCCBA) so drift hits all
+    alike. urls: "direct" (the engine) first, then the proxies in front of it, each (url, key); pids: the proxies'
+    processes."""
+    names, expected = list(urls), args.requests * args.max_tokens
+    runs: dict[str, list[dict]] = {k: [] for k in names}
+    cpu = dict.fromkeys(pids, 0.0)
     for i in range(args.rounds):
-        order = ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")  # ABBA: drift hits both alike
-        for name in order:
-            url = direct if name == "direct" else gateway
-            cpu0 = cpu_seconds(gateway_pid)
-            r = run_load(url, [model], args.requests, args.concurrency, args.max_tokens)
-            if name == "gateway":
-                gateway_cpu += cpu_seconds(gateway_pid) - cpu0
+        for name in names if i % 2 == 0 else names[::-1]:
+            cpu0 = cpu_seconds(pids[name]) if name in pids else 0.0
+            r = run_load(urls[name][0], [model], args.requests, args.concurrency, args.max_tokens, urls[name][1])
+            if name in pids:
+                cpu[name] += cpu_seconds(pids[name]) - cpu0
+            if r["tokens"] != expected:  # a path that drops ignore_eos answers shorter: its tok/s would not compare
+                raise RuntimeError(f"{name} returned {r['tokens']} output tokens, {expected} asked for (ignore_eos)")
             runs[name].append(r)
             print(
                 f"    round {i + 1} {name:8s} {r['tok_s']:7.1f} tok/s  median TTFT {median_ms(r['ttfts']):7.1f} ms",
                 flush=True,
             )
     tput = {k: sum(r["tokens"] for r in v) / sum(r["wall_s"] for r in v) for k, v in runs.items()}
-    gw_wall, gw_tokens = sum(r["wall_s"] for r in runs["gateway"]), sum(r["tokens"] for r in runs["gateway"])
     ttft = {k: median_ms([t for r in v for t in r["ttfts"]]) for k, v in runs.items()}
-    probes = {"direct": [], "gateway": []}
+    probes: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(args.probes):
-        for name, url in (("direct", direct), ("gateway", gateway)):
-            probes[name] += run_load(url, [model], 1, 1, 4)["ttfts"]
+        for name in names:
+            probes[name] += run_load(urls[name][0], [model], 1, 1, 4, urls[name][1])["ttfts"]
     probe = {k: median_ms(v) for k, v in probes.items()}
+    vs_direct = {}
+    for k in names[1:]:
+        wall, tokens = sum(r["wall_s"] for r in runs[k]), sum(r["tokens"] for r in runs[k])
+        vs_direct[k] = {
+            "throughput_ratio": tput[k] / tput["direct"],
+            # each round against the direct run next to it: the spread says how much of the ratio is noise
+            "round_ratios": [r["tok_s"] / d["tok_s"] for r, d in zip(runs[k], runs["direct"], strict=True)],
+            # a noise-free view of the same cost: the proxy's own CPU, which on a CPU host the engine loses
+            "cpu_cores": cpu.get(k, 0.0) / wall,
+            "cpu_ms_per_1k_tokens": cpu.get(k, 0.0) / tokens * 1e6,
+            "added_median_ttft_ms_under_load": ttft[k] - ttft["direct"],
+            "added_median_ttft_ms_one_at_a_time": probe[k] - probe["direct"],
+        }
     return {
         "throughput_tok_s": tput,
-        "throughput_ratio": tput["gateway"] / tput["direct"],
-        # A noise-free view of the same cost: the gateway's own CPU, which on a CPU host the engine loses.
-        "gateway_cpu_cores": gateway_cpu / gw_wall,
-        "gateway_cpu_ms_per_1k_tokens": gateway_cpu / gw_tokens * 1e6,
-        "cpu_count": os.cpu_count(),
         "median_ttft_ms_under_load": ttft,
-        "added_median_ttft_ms_under_load": ttft["gateway"] - ttft["direct"],
         "median_ttft_ms_one_at_a_time": probe,
-        "added_median_ttft_ms_one_at_a_time": probe["gateway"] - probe["direct"],
+        "cpu_count": os.cpu_count(),
+        "vs_direct": vs_direct,
     }
 
 
@@ -165,20 +188,26 @@ def make_adapters(base: Path, root: Path, names: list[str]) -> None:
         shutil.copytree(root / names[0], root / name)
 
 
-def measure(args: argparse.Namespace, stack: Stack, adapters: list[str], cold: list[str]) -> dict:
-    direct, gateway, model = stack.engine_url(), stack.url, stack.cfg.engines[0].public_name
-    run_load(direct, [model], 2, 2, 4)  # warm-up both paths
-    run_load(gateway, [model], 2, 2, 4)
+def measure(args: argparse.Namespace, stack: Stack, adapters: list[str], cold: list[str], litellm=None) -> dict:
+    """litellm: (url, key, pid) of a LiteLLM proxy in front of the same engine, measured beside the gateway."""
+    model = stack.cfg.engines[0].public_name
+    urls = {"direct": (stack.engine_url(), KEY), "gateway": (stack.url, KEY)}
+    pids = {"gateway": stack.gateway_pid}
+    if litellm is not None:
+        url, key, pids["litellm"] = litellm
+        urls["litellm"] = (url, key)
+    for url, key in urls.values():  # warm-up every path
+        run_load(url, [model], 2, 2, 4, key)
     print(
-        f"==> 1/3 gateway overhead: {args.rounds} rounds x {args.requests} requests, c={args.concurrency}, "
-        f"{args.max_tokens} output tokens, base model",
+        f"==> 1/3 overhead of {', '.join(list(urls)[1:])}: {args.rounds} rounds x {args.requests} requests, "
+        f"c={args.concurrency}, {args.max_tokens} output tokens, base model",
         flush=True,
     )
-    results = {"overhead": overhead(args, direct, gateway, model, stack.gateway_pid)}
+    results = {"overhead": overhead(args, urls, model, pids)}
     print(f"==> 2/3 cold adapter first token ({len(cold)} adapters)", flush=True)
-    results["cold_adapter"] = cold_adapter(args, gateway, cold)
+    results["cold_adapter"] = cold_adapter(args, stack.url, cold)
     print(f"==> 3/3 {len(adapters)} distinct adapters vs 1", flush=True)
-    results["adapters"] = many_adapters(args, gateway, adapters)
+    results["adapters"] = many_adapters(args, stack.url, adapters)
     return results
 
 
@@ -198,8 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         max_loras=args.adapters,
         max_cpu_loras=args.adapters + 8,
     )
-    with running_stack(cfg, "process") as stack:  # the gateway in its own process, as in production
-        results = measure(args, stack, adapters, cold)
+    exe = None
+    if args.litellm is not None:
+        exe = litellm.ensure_installed() if args.litellm == "install" else Path(args.litellm)
+    with running_stack(cfg, "process") as stack, contextlib.ExitStack() as proxies:  # the gateway in its own process
+        other = None
+        if exe is not None:
+            name = stack.cfg.engines[0].public_name
+            other = proxies.enter_context(litellm.running_litellm(exe, name, stack.engine_url(), free_port(), work))
+        results = measure(args, stack, adapters, cold, other)
     results["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     report(results)
     out = Path(args.out) if args.out else paths.runs_dir() / "serve-bench"
@@ -213,26 +249,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(r: dict) -> None:
     o, c, a = r["overhead"], r["cold_adapter"], r["adapters"]
-    t = o["throughput_tok_s"]
-    print("\n== gateway overhead (same engine, alternating rounds)")
+    t, u, p = o["throughput_tok_s"], o["median_ttft_ms_under_load"], o["median_ttft_ms_one_at_a_time"]
+    print("\n== overhead against the engine called directly (same engine, alternating rounds)")
     print(
-        f"  output throughput: direct {t['direct']:.1f} tok/s, gateway {t['gateway']:.1f} tok/s, "
-        f"ratio {o['throughput_ratio']:.3f} (goal >= 0.97)"
+        f"  direct: {t['direct']:.1f} tok/s, median TTFT {u['direct']:.1f} ms under load, {p['direct']:.1f} ms alone"
     )
-    cores, n = o["gateway_cpu_cores"], o["cpu_count"]
-    print(
-        f"  gateway CPU: {cores:.3f} cores while serving, {o['gateway_cpu_ms_per_1k_tokens']:.0f} ms per 1k output"
-        f" tokens (= {cores / n:.1%} of this machine's {n} cores)"
-    )
-    u, p = o["median_ttft_ms_under_load"], o["median_ttft_ms_one_at_a_time"]
-    print(
-        f"  median TTFT under load: direct {u['direct']:.1f} ms, gateway {u['gateway']:.1f} ms, "
-        f"added {o['added_median_ttft_ms_under_load']:+.1f} ms"
-    )
-    print(
-        f"  median TTFT one at a time: direct {p['direct']:.1f} ms, gateway {p['gateway']:.1f} ms, "
-        f"added {o['added_median_ttft_ms_one_at_a_time']:+.1f} ms (goal <= 3)"
-    )
+    for name, v in o["vs_direct"].items():
+        goal = " (goal >= 0.98)" if name == "gateway" else ""
+        spread = f"rounds {min(v['round_ratios']):.3f}-{max(v['round_ratios']):.3f}"
+        print(f"  {name}: {t[name]:.1f} tok/s, ratio {v['throughput_ratio']:.3f}{goal}, {spread}")
+        cores, n = v["cpu_cores"], o["cpu_count"]
+        print(
+            f"    CPU {cores:.3f} cores while serving, {v['cpu_ms_per_1k_tokens']:.0f} ms per 1k output tokens"
+            f" (= {cores / n:.1%} of this machine's {n} cores)"
+        )
+        goal = " (goal <= 2)" if name == "gateway" else ""
+        print(
+            f"    added median TTFT: {v['added_median_ttft_ms_under_load']:+.1f} ms under load, "
+            f"{v['added_median_ttft_ms_one_at_a_time']:+.1f} ms one at a time{goal}"
+        )
     print("== cold adapter (hot-load on first use)")
     print(
         f"  first token cold {c['cold_ttft_ms']:.0f} ms, warm {c['warm_ttft_ms']:.0f} ms, "
