@@ -41,8 +41,12 @@ def fields_of(answer: str) -> dict[str, str]:
 
 
 def _items(value: str) -> set[str]:
+    """The items of a JSON-list answer or field, as strings: items that are lists or objects (a whole answer such as
+    `[["aspirin", "100 mg"]]`) as canonical JSON, so that they can be counted."""
     parsed = parse_json(value) if value.startswith("[") else None
-    return set(parsed) if isinstance(parsed, list) else set()
+    if not isinstance(parsed, list):
+        return set()
+    return {x if isinstance(x, str) else json.dumps(x, sort_keys=True) for x in parsed}
 
 
 @dataclass

@@ -65,3 +65,15 @@ def test_list_fields_compare_as_sets_and_text_answers_ignore_case_and_spacing():
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="as many predictions"):
         diagnose(["a"], ["a", "b"])
+
+
+def test_answers_that_are_lists_of_lists_or_objects_are_diagnosed_not_crashed_on():
+    """`make demo`'s report died on `unhashable type: 'list'`: a whole answer that is a JSON list of lists."""
+    refs = [json.dumps([["aspirin", "100 mg"], ["ibuprofen", f"{i} mg"]]) for i in range(12)]
+    preds = [json.dumps([["aspirin", "100 mg"]])] * 12
+    d = diagnose(preds, refs)
+    items = d.fields[0].items
+    assert items[json.dumps(["aspirin", "100 mg"])]["recall"] == 1.0
+    assert items[json.dumps(["ibuprofen", "3 mg"])] == {"support": 1, "recall": 0.0, "precision": 0.0}
+    objects = [json.dumps([{"drug": "aspirin"}])] * 12
+    assert diagnose(objects, objects).fields[0].accuracy == 1.0
