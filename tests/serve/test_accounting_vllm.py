@@ -65,7 +65,10 @@ def jobs(n: int = int(os.environ.get("ACCOUNTING_REQUESTS", 36)), seed: int = 7)
         who = ("acme", "globex")[i % 2]
         cancel = rng.randint(1, 30) if i % 3 == 2 else None
         stream = cancel is not None or i % 3 == 1
-        # a cancelled request must still be generating when its client hangs up: many tokens, no early EOS
+        # A cancelled request must still be generating when its client hangs up: many tokens, no early EOS. Many
+        # more than the chunks it is cut after: vLLM merges the tokens of a request whose chunks its API server has
+        # not sent yet into one chunk, so on a busy machine 200 tokens came in under 30 chunks and such a stream
+        # ended (logged 200) before the client hung up.
         out.append(
             Job(
                 who,
@@ -73,7 +76,7 @@ def jobs(n: int = int(os.environ.get("ACCOUNTING_REQUESTS", 36)), seed: int = 7)
                 rng.choice(["chat", "completion"]),
                 stream,
                 cancel,
-                200 if cancel else rng.randint(4, 24),
+                1500 if cancel else rng.randint(4, 24),
             )
         )
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -373,7 +373,19 @@ def engine_state(url: str, log_path) -> str:
     return "\n".join([f"running, waiting: {engine_queue(url)}", *loras, "engine log tail:", *tail])
 
 
-COMPANION_FIRST_TOKEN_S, COMPANION_TRIES = 60, 3
+COMPANION_FIRST_TOKEN_S, COMPANION_TRIES, PROBE_ROUNDS = 60, 3, 3
+
+
+def start_companion(pool, url: str, model: str, prompt: str, stop: threading.Event, log_path):
+    """A decoding companion stream of `model`, asked again (up to COMPANION_TRIES) if it gets no first token."""
+    for _ in range(COMPANION_TRIES):
+        decoding = threading.Event()
+        stream = pool.submit(decode_stream, url, model, prompt, decoding, stop)
+        if decoding.wait(COMPANION_FIRST_TOKEN_S) and not stream.done():
+            return stream
+        print(f"\na {model} companion got no token in {COMPANION_FIRST_TOKEN_S} s; asking again. "
+              f"{engine_state(url, log_path)}")  # fmt: skip
+    raise AssertionError(f"no {model} companion decoded in {COMPANION_TRIES} tries")
 
 
 def probes_beside(url: str, base: str, prefixes: list[list[int]], companions: list[str], prompt: str, log_path=None):
@@ -387,31 +399,29 @@ def probes_beside(url: str, base: str, prefixes: list[list[int]], companions: li
     Companions start one at a time, each once the one before decodes. CI has seen one companion of four started
     together get no token in minutes while the other three decoded, in no queue of the engine's (running 3, waiting
     0): that is vLLM's liveness, not the slot isolation this measures, so a companion that gets no first token is
-    asked again (the lost request ends at its read timeout) and the engine's state is printed.
+    asked again (the lost request ends at its read timeout) and the engine's state is printed. The overlap is then
+    checked, not assumed: the probes count only if every companion was decoding before they were sent and still is
+    after they were answered. Else (on a slow machine the retries can use up an earlier companion's tokens) the
+    companions that ended are started again and the probes asked again.
     """
     assert wait_for(lambda: engine_queue(url) == (0, 0), timeout=120), f"engine busy: {engine_queue(url)}"
     stop = threading.Event()
-    with ThreadPoolExecutor(len(companions) * COMPANION_TRIES + len(prefixes)) as pool:
-        streams = []
+    streams: dict[int, Future] = {}  # companion index -> its decoding stream
+    with ThreadPoolExecutor(len(companions) * COMPANION_TRIES * PROBE_ROUNDS + len(prefixes)) as pool:
         try:
-            for model in companions:
-                for _ in range(COMPANION_TRIES):
-                    decoding = threading.Event()
-                    stream = pool.submit(decode_stream, url, model, prompt, decoding, stop)
-                    if decoding.wait(COMPANION_FIRST_TOKEN_S):
-                        streams.append(stream)
-                        break
-                    print(f"\na {model} companion got no token in {COMPANION_FIRST_TOKEN_S} s; asking again. "
-                          f"{engine_state(url, log_path)}")  # fmt: skip
-                else:
-                    raise AssertionError(f"no {model} companion decoded in {COMPANION_TRIES} tries")
-            got = list(pool.map(lambda ids: next_token_logprobs(url, base, ids), prefixes))
+            for _ in range(PROBE_ROUNDS):
+                for i, model in enumerate(companions):
+                    if i not in streams or streams[i].done():
+                        streams[i] = start_companion(pool, url, model, prompt, stop, log_path)
+                if any(f.done() for f in streams.values()):
+                    continue  # one ended while a later one started
+                got = list(pool.map(lambda ids: next_token_logprobs(url, base, ids), prefixes))
+                if not any(f.done() for f in streams.values()):
+                    return got  # Without overlap the probes ran alone and the comparison would prove nothing.
+                print(f"\na companion ended before the probes were answered; again. {engine_state(url, log_path)}")
+            raise AssertionError(f"no overlap of probes and companions in {PROBE_ROUNDS} rounds")
         finally:
             stop.set()
-        overlapped = all(f.result() for f in streams)
-    # Without overlap the probes ran alone and the comparison would prove nothing.
-    assert overlapped, "a companion request ended before the probes were answered"
-    return got
 
 
 @pytest.mark.vllm

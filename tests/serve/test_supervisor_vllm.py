@@ -27,7 +27,7 @@ MSG = [{"role": "user", "content": "hi"}]
 
 
 def stream_until_closed(url: str, model: str, flowing: threading.Event, out: list) -> None:
-    body = {"model": model, "messages": MSG, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    body = {"model": model, "messages": MSG, "max_tokens": 1900, "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {KEYS['acme']}"}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
         raw = b""
@@ -35,6 +35,27 @@ def stream_until_closed(url: str, model: str, flowing: threading.Event, out: lis
             raw += chunk
             flowing.set()
     out.append((r.status_code, raw))
+
+
+FIRST_CHUNK_S, STREAM_TRIES = 60, 3
+
+
+def start_stream(url: str, model: str) -> list[tuple[threading.Thread, list]]:
+    """Clients streaming from `model` (each with the list its outcome goes to): the last got a first chunk, the
+    earlier tries none.
+
+    CI has seen one request of a few concurrent ones get no token for minutes while the others decoded (vLLM's
+    liveness on a loaded CPU, see tests/serve/test_cpu_lora.py): such a try is left running and another is made."""
+    tries = []
+    for _ in range(STREAM_TRIES):
+        flowing, out = threading.Event(), []
+        client = threading.Thread(target=stream_until_closed, args=(url, model, flowing, out))
+        client.start()
+        tries.append((client, out))
+        if flowing.wait(FIRST_CHUNK_S):
+            return tries
+        print(f"\na {model} stream got no chunk in {FIRST_CHUNK_S} s; asking again")
+    raise AssertionError(f"no {model} stream flowed in {STREAM_TRIES} tries")
 
 
 def last_events(raw: bytes) -> list:
@@ -85,22 +106,28 @@ def test_killed_engine_is_restarted_and_its_adapters_come_back(smollm2_path, tmp
     try:
         assert ask().status_code == 200
         # streams in flight when the engine dies: each must end at once with an error event, not hang
-        streams, flowing = [], [threading.Event() for _ in range(3)]
-        clients = [
-            threading.Thread(target=stream_until_closed, args=(server.url, model, ev, streams))
-            for model, ev in zip(["smol-a", "smol", "smol-a"], flowing, strict=True)
-        ]
-        for c in clients:
-            c.start()
-        assert all(ev.wait(60) for ev in flowing)
+        models = ["smol-a", "smol", "smol-a"]
+        started = [start_stream(server.url, model) for model in models]
+        for _ in range(STREAM_TRIES):  # on a slow day retries can outlast an earlier stream: ask it again
+            ended = [i for i, tries in enumerate(started) if not tries[-1][0].is_alive()]
+            for i in ended:
+                started[i] += start_stream(server.url, models[i])
+            if not ended:
+                break
+        clients = [c for tries in started for c, _ in tries]
         old_pid = engine.proc.pid
         os.killpg(old_pid, signal.SIGKILL)
         for c in clients:
             c.join(timeout=30)
-        assert len(streams) == 3, "a client still hangs on the dead engine"
-        for status, raw in streams:
+        assert not any(c.is_alive() for c in clients), "a client still hangs on the dead engine"
+        for tries in started:
+            [(status, raw)] = tries[-1][1]
             err, done = last_events(raw)
             assert status == 200 and done == "[DONE]" and err["error"]["code"] == "engine_error", raw[-300:]
+        # a stalled try ends as a 502 too if its request reached the engine (else as a 503: no engine was up)
+        broken = sum(
+            1 for tries in started for _, out in tries if out and (out[0][0] == 502 or b"engine_error" in out[0][1])
+        )
         assert httpx.get(f"{server.url}/health").status_code == 200  # the gateway itself is fine
         assert wait_for(lambda: not engine.alive() or engine.proc.pid != old_pid, timeout=30)
         if supervisor.restarts["smol"] == 0 and not engine.healthy():
@@ -112,7 +139,7 @@ def test_killed_engine_is_restarted_and_its_adapters_come_back(smollm2_path, tmp
         assert wait_for(lambda: "smol-a" in engine_models(), timeout=60, interval=0.5)
         assert ask().status_code == 200
         assert scrape(server.url, "lorafleet_adapter_loads_total", adapter="smol-a", result="ok") == 2
-        assert scrape(server.url, "lorafleet_requests_total", code="502") == 3
+        assert scrape(server.url, "lorafleet_requests_total", code="502") == broken
         assert scrape(server.url, "lorafleet_inflight_requests", tenant="acme") == 0
     finally:
         server.stop()
