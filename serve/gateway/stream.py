@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-
-import httpx
+from collections.abc import AsyncIterable
 
 from serve.gateway.protocol import ApiError
 
@@ -169,14 +168,15 @@ class StreamMeter:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def pump(upstream: httpx.Response, send, meter: StreamMeter, head: dict | None = None) -> None:
-    """Pass an SSE stream on, cut at event boundaries so the meter sees whole events.
+async def pump(chunks: AsyncIterable[bytes], send, meter: StreamMeter, head: dict | None = None) -> None:
+    """Pass an SSE stream (the engine's body as it comes, in chunks cut anywhere) on, cut at event boundaries so
+    the meter sees whole events.
 
     The response head goes out with the first event, once that event is JSON data: an engine that answers
     garbage costs the client a 502, not a 200 full of garbage. A stream that breaks off before `data: [DONE]`
     raises, for the caller to end it with an error event (a silently short answer would pass for a whole one)."""
     carry, last = b"", b""
-    async for chunk in upstream.aiter_raw():
+    async for chunk in chunks:
         if carry:
             chunk = carry + chunk
         end = chunk.rfind(b"\n\n")

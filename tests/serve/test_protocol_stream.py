@@ -5,7 +5,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import pytest
 
 from serve.gateway.metrics import Metrics
@@ -205,7 +204,7 @@ def test_pump_reassembles_events_split_across_reads():
         sent.append(message)
 
     meter = StreamMeter(keep_usage=False)
-    asyncio.run(pump(httpx.Response(200, content=body()), send, meter))
+    asyncio.run(pump(body(), send, meter))
     assert meter.ended
     assert b"".join(m["body"] for m in sent) == stream.replace(USAGE_EV, b"")
     assert sent[-1]["more_body"] is False and meter.usage == USAGE
