@@ -29,7 +29,7 @@ class State:
     train_cpu_seconds: float = 0.0
     train_loss: list[list[float]] = field(default_factory=list)  # [step, loss]
     eval_loss: list[list[float]] = field(default_factory=list)
-    score: list[list[float]] = field(default_factory=list)  # [step, exact, mean score] on the held-out sample
+    score: list[list[float]] = field(default_factory=list)  # [step, exact, mean score, loss] on the held-out sample
     best_step: int = 0  # the step whose weights the scorer liked best (0: none scored yet)
     best_predictions: list[str] = field(default_factory=list)
     since_best: int = 0  # score checks since the best one

@@ -35,6 +35,7 @@ class Dataset:
     eval: list[Example]
     report: dict[str, Any]
     validation: list[list[dict]] = field(default_factory=list)  # held-out train conversations for the score
+    validation_ex: list[Example] = field(default_factory=list)  # the same, as tokens: their loss beside the score
 
 
 def hold_out(train: list, cfg: TrainConfig) -> tuple[list, list]:
@@ -123,6 +124,7 @@ def build_dataset(tok, cfg: TrainConfig, log: Callable[[str], None]) -> Dataset:
         raise TrainError(f"base model {cfg.base_model!r} has no chat template: train an instruct model")
     train_ex, train_long = encode_all(tok, train, cfg, "training")
     eval_ex, eval_long = encode_all(tok, evals, cfg, "eval") if evals else ([], {"truncated": 0, "skipped": 0})
+    validation_ex = encode_all(tok, validation, cfg, "held-out")[0] if validation else []
     for what, counts in (("train", train_long), ("eval", eval_long)):
         if sum(counts.values()):
             log(
@@ -145,7 +147,7 @@ def build_dataset(tok, cfg: TrainConfig, log: Callable[[str], None]) -> Dataset:
     }
     if cfg.balance:
         report["balance"] = dict(Counter(e.group for e in train_ex).most_common())
-    return Dataset(train_ex, eval_ex, report, validation)
+    return Dataset(train_ex, eval_ex, report, validation, validation_ex)
 
 
 def answer_class(answer: str, balance: str) -> str:

@@ -230,11 +230,14 @@ class Run:
         """Score the weights as they stand; keep them if the scorer likes them best so far."""
         t0 = clock()
         s = self.validator(self.model, self.amp)
+        # The held-out answers' loss, logged beside the score: it moves while exact match sits on a plateau, and
+        # train.auto breaks ties between candidates with it. It never picks the checkpoint within a run.
+        loss = evaluate_loss(self.model, self.data.validation_ex, self.cfg, self.pad_id, self.amp)
         state.score_seconds += clock() - t0
-        row = [state.step, round(s.exact, 4), round(s.mean_score, 4)]
+        row = [state.step, round(s.exact, 4), round(s.mean_score, 4), round(loss, 5)]
         state.score.append(row)
         best = next((r for r in state.score if r[0] == state.best_step), None)
-        if best is None or row[1:] > best[1:]:  # exact first, then mean score; a tie keeps the earlier (shorter) one
+        if best is None or row[1:3] > best[1:3]:  # exact, then mean score; a tie keeps the earlier (shorter) one
             state.best_step, state.best_predictions, state.since_best = state.step, s.predictions, 0
             self.best = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         elif not self.validator.diagnose(state.best_predictions).warnings:
@@ -244,8 +247,8 @@ class Run:
         # patience waits until something better than a collapse was seen.
         mark = " (best)" if state.best_step == state.step else f" (best: step {state.best_step})"
         (bar.write if self.cfg.progress else self.log)(
-            f"step {state.step}: score exact {s.exact:.1%}, mean {s.mean_score:.3f} on {len(s.predictions)} "
-            f"held-out ({s.seconds:.0f} s){mark}"
+            f"step {state.step}: score exact {s.exact:.1%}, mean {s.mean_score:.3f}, loss {loss:.4f} on "
+            f"{len(s.predictions)} held-out ({clock() - t0:.0f} s){mark}"
         )
 
     def stop_early(self, state: State, bar) -> bool:
@@ -320,7 +323,7 @@ class Run:
         best = next(r for r in state.score if r[0] == state.best_step)
         diagnosis = self.validator.diagnose(state.best_predictions)
         warnings = list(diagnosis.warnings)
-        if len(state.score) >= 2 and state.best_step == state.score[-1][0] and best[1:] > state.score[0][1:]:
+        if len(state.score) >= 2 and state.best_step == state.score[-1][0] and best[1:3] > state.score[0][1:3]:
             warnings.append(f"the held-out score was still rising when training ended (exact {state.score[0][1]:.0%} "
                             f"at step {state.score[0][0]} -> {best[1]:.0%} at step {best[0]}): more epochs may "
                             "help, or auto=true")  # fmt: skip

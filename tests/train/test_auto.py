@@ -201,6 +201,19 @@ def test_auto_keeps_within_a_budget_of_three_plain_runs(tmp_path, data, virtual)
     assert sum(bool(r.get("chosen")) for r in table["candidates"]) == 1
 
 
+def test_candidates_tied_on_the_score_are_told_apart_by_their_held_out_loss(tmp_path, data, monkeypatch):
+    scripted(monkeypatch, [0.5] * 20)  # every check of every candidate scores the same
+    losses = iter([0.9, 0.4, 0.7])  # one trial check each: the second candidate's loss is the lowest
+    monkeypatch.setattr(trainer, "evaluate_loss", lambda *a, **k: next(losses, 0.1))
+    out = auto.run(auto_cfg(tmp_path, data, auto_budget_s=3600), log=lambda _: None)
+    report = json.loads((out / REPORT_FILE).read_text())
+    rows = report["auto"]["candidates"]
+    assert [r["loss"] for r in rows] == [0.9, 0.4, 0.7]
+    assert [r["name"] for r in rows if r.get("chosen")] == ["lr x2"]
+    assert report["config"]["lr"] == 2 * auto_cfg(tmp_path, data).lr
+    assert all(len(row) == 4 for row in report["score"]["curve"])  # [step, exact, mean score, loss]
+
+
 def test_auto_stops_when_a_budget_in_seconds_is_spent(tmp_path, data, virtual):
     out = auto.run(auto_cfg(tmp_path, data, auto_budget_s=120), log=lambda _: None)
     report = json.loads((out / REPORT_FILE).read_text())
