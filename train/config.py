@@ -106,6 +106,13 @@ class TrainConfig(Strict):
         description="class-balanced sampling (a remedy for skewed answers, off by default): '' = off, 'answer' = "
         "whole answers, or a JSON answer field (e.g. verdict); each class then fills the same share of an epoch",
     )
+    informative_weight: float = Field(
+        1.0,
+        ge=1.0,
+        description="loss weight of the answer tokens where the training answers part ways (a JSON answer's values; "
+        "the tokens in between follow from what came before): a remedy for answers that are mostly boilerplate, "
+        "off (1) by default",
+    )
     # speed
     bf16: Literal["auto", "true", "false"] = Field(
         "auto", description="base weights in bf16 + autocast: auto (if the CPU has AVX512-BF16/AMX) | true | false"

@@ -4,7 +4,7 @@ length-grouped micro-batches."""
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE except on the answer + end-of-turn tokens
     group: str = ""  # the answer's class for `balance` (its field's value, or the whole answer)
+    weights: list[float] | None = None  # per-position loss weights (`informative_weight`); None = all 1
 
 
 @dataclass
@@ -147,6 +148,8 @@ def build_dataset(tok, cfg: TrainConfig, log: Callable[[str], None]) -> Dataset:
     }
     if cfg.balance:
         report["balance"] = dict(Counter(e.group for e in train_ex).most_common())
+    if cfg.informative_weight != 1:
+        report["informative_tokens"] = weigh_informative(train_ex, cfg.informative_weight)
     return Dataset(train_ex, eval_ex, report, validation, validation_ex)
 
 
@@ -166,6 +169,29 @@ def class_weights(groups: list[str]) -> list[float] | None:
         return None
     counts = Counter(groups)
     return [1.0 / counts[g] for g in groups]
+
+
+def informative(answers: list[list[int]]) -> list[list[bool]]:
+    """For each answer token: do the training answers that share everything before it go on differently?
+
+    Those are the tokens that carry the answer (`{"verdict": "` is the same for all; `approve` or `reject` is
+    where they part). Read from a prefix tree of the training answers' token ids, so it needs no schema."""
+    nexts: dict[tuple[int, ...], set[int]] = defaultdict(set)
+    for a in answers:
+        for t in range(len(a)):
+            nexts[tuple(a[:t])].add(a[t])
+    return [[len(nexts[tuple(a[:t])]) > 1 for t in range(len(a))] for a in answers]
+
+
+def weigh_informative(examples: list[Example], weight: float) -> int:
+    """Give each example's informative answer tokens `weight` (the rest 1); returns how many there are."""
+    positions = [[i for i, t in enumerate(e.labels) if t != IGNORE] for e in examples]
+    flags = informative([[e.labels[i] for i in pos] for e, pos in zip(examples, positions, strict=True)])
+    for e, pos, marks in zip(examples, positions, flags, strict=True):
+        e.weights = [1.0] * len(e.labels)
+        for i, mark in zip(pos, marks, strict=True):
+            e.weights[i] = weight if mark else 1.0
+    return sum(map(sum, flags))
 
 
 # ---------------------------------------------------------------- batches
@@ -213,7 +239,13 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if any(e.weights for e in examples):
+        batch["weights"] = torch.ones((len(examples), width))
+        for row, e in enumerate(examples):
+            if e.weights:
+                batch["weights"][row, : len(e.weights)] = torch.tensor(e.weights)
+    return batch
 
 
 def total_steps(n_batches: int, cfg: TrainConfig) -> int:

@@ -167,11 +167,21 @@ def loss_sum(
     else:
         keep = targets != IGNORE
         logits = lm(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1][keep]
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    if "weights" not in batch:
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    weights = batch["weights"][:, 1:][:, -targets.shape[1] :][keep]  # aligned with targets, past any shared prefix
+    return (F.cross_entropy(logits.float(), targets[keep], reduction="none") * weights).sum()
 
 
 def n_labels(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def label_weight(batch: dict[str, torch.Tensor]) -> float:
+    """What loss_sum's sum is divided by for a mean: the label count, or the labels' summed weights."""
+    if "weights" not in batch:
+        return n_labels(batch)
+    return float(batch["weights"][:, 1:][batch["labels"][:, 1:] != IGNORE].sum())
 
 
 @torch.no_grad()

@@ -32,7 +32,15 @@ from train.checkpoint import State, checkpoints, load_checkpoint, save_checkpoin
 from train.config import TrainConfig, TrainError
 from train.dataset import Dataset, build_dataset, class_weights, collate, epoch_batches, total_steps
 from train.export import check_adapter
-from train.lora import build_model, build_optimizer, evaluate_loss, loss_sum, n_labels, param_counts, use_bf16
+from train.lora import (
+    build_model,
+    build_optimizer,
+    evaluate_loss,
+    label_weight,
+    loss_sum,
+    param_counts,
+    use_bf16,
+)
 from train.models import SPECS, ModelError, model_path
 from train.validate import Validator
 
@@ -157,12 +165,12 @@ class Run:
         return self._batches[state.batch_in_epoch - 1]
 
     def step(self, state: State) -> tuple[float, int]:
-        """One optimizer step over grad_accum micro-batches; the loss is the mean over all their label tokens."""
+        """One optimizer step over grad_accum micro-batches; the loss is the (weighted) mean over their label tokens."""
         batches = [
             collate([self.data.train[i] for i in self.next_batch(state)], self.pad_id)
             for _ in range(self.cfg.grad_accum)
         ]
-        labelled = sum(n_labels(b) for b in batches)
+        labelled = sum(label_weight(b) for b in batches)
         total = 0.0
         for batch in batches:
             with self.amp():

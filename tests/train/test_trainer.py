@@ -198,6 +198,40 @@ def test_balance_gives_a_rare_verdict_as_large_a_share_of_each_epoch_as_the_comm
     assert plain.weights is None and "balance" not in plain.data.report
 
 
+def test_informative_tokens_are_where_the_training_answers_part_ways():
+    answers = [[1, 2, 3, 9], [1, 2, 4, 9], [1, 5, 9]]  # all start with 1; then 2 or 5; after 1 2, then 3 or 4
+    assert dataset.informative(answers) == [[False, True, True, False], [False, True, True, False],
+                                            [False, True, False]]  # fmt: skip
+    assert dataset.informative([[7, 8], [7, 8]]) == [[False, False], [False, False]]  # one answer: nothing to learn
+
+
+def test_informative_weight_weighs_the_verdict_not_the_json_around_it(tmp_path, tok):
+    def row(i: int, verdict: str) -> dict:
+        answer = json.dumps({"verdict": verdict, "flags": []})
+        return {"messages": [{"role": "user", "content": f"claim {i}"}, {"role": "assistant", "content": answer}]}
+
+    rows = [row(i, "reject" if i % 3 == 0 else "approve") for i in range(12)]
+    data = write_jsonl(tmp_path / "verdicts.jsonl", rows)
+    run = setup(tiny(tmp_path, data, bf16="false", eval_fraction=0.0, informative_weight=5.0), log=lambda _: None)
+    for ex, r in zip(run.data.train, rows, strict=True):
+        heavy = [t for t, w in zip(ex.labels, ex.weights, strict=True) if w == 5.0]
+        word, verdict = tok.decode(heavy).strip(' "'), json.loads(r["messages"][1]["content"])["verdict"]
+        assert len(heavy) == 1 and word and verdict.startswith(word)  # the verdict's first token, nothing else
+    assert run.data.report["informative_tokens"] == 12
+    batch = dataset.collate(run.data.train, run.pad_id)
+    with torch.no_grad():
+        per_token = lora.loss_sum(run.model, {k: v for k, v in batch.items() if k != "weights"})
+        weighted = lora.loss_sum(run.model, batch)
+        keep = batch["labels"][:, 1:] != dataset.IGNORE
+        hidden = run.model.get_base_model()(input_ids=batch["input_ids"]).logits[:, :-1][keep].float()
+        each = torch.nn.functional.cross_entropy(hidden, batch["labels"][:, 1:][keep], reduction="none")
+    expected = (each * batch["weights"][:, 1:][keep]).sum()
+    assert torch.allclose(weighted, expected, rtol=1e-4) and not torch.allclose(weighted, per_token, rtol=1e-3)
+    assert lora.label_weight(batch) == float(batch["weights"][:, 1:][keep].sum()) > lora.n_labels(batch)
+    assert lora.label_weight(dataset.collate(setup(tiny(tmp_path, data, eval_fraction=0.0), log=lambda _: None)
+                                             .data.train, run.pad_id)) == lora.n_labels(batch)  # fmt: skip
+
+
 def test_token_budget_batches_stay_under_budget(tmp_path, data_file):
     cfg = tiny(tmp_path, data_file, batch_tokens=600, max_len=512)
     lengths = [10 + (i * 37) % 200 for i in range(64)]
