@@ -67,13 +67,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -- load generation: the harness's client (loadtest/client.py), so TTFT and tokens mean what they mean there
 
 
-async def load(url: str, models: list[str], n: int, concurrency: int, max_tokens: int, key: str = KEY) -> dict:
-    """n streaming chat requests, `concurrency` at a time, forced to max_tokens; any failure raises."""
+async def load(
+    url: str, models: list[str], n: int, concurrency: int, max_tokens: int, key: str = KEY, chats: list | None = None
+) -> dict:
+    """n streaming chat requests, `concurrency` at a time, forced to max_tokens; any failure raises. `chats`: the
+    prompts' messages, in turn (default: a one-line user message from PROMPTS)."""
+    chats = chats or [[{"role": "user", "content": p}] for p in PROMPTS]
     target = Target(name="bench", base_url=f"{url}/v1", model=models[0], api_key=key, price={"usd_per_hour": 1})
     sem, headers = asyncio.Semaphore(concurrency), auth_headers(key)
 
     async def one(pool: ClientPool, i: int, t0: float) -> RequestRecord:
-        model, prompt = models[i % len(models)], [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        model, prompt = models[i % len(models)], chats[i % len(chats)]
         body = build_body(target, model, prompt, max_tokens, force_output_len=True)
         async with sem, pool.lease() as client:
             return await stream_request(client, endpoint(target), headers, body, RequestRecord(model, 0.0), t0)
@@ -92,8 +96,8 @@ async def load(url: str, models: list[str], n: int, concurrency: int, max_tokens
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttfts": ttfts}
 
 
-def run_load(*args) -> dict:
-    return asyncio.run(load(*args))
+def run_load(*args, **kw) -> dict:
+    return asyncio.run(load(*args, **kw))
 
 
 def median_ms(values: list[float]) -> float:

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64, help="forced output tokens per request")
     p.add_argument("--max-loras", type=int, default=8, help="adapter slots of the LoRA engine (the mix-max arm)")
+    p.add_argument("--task", default="", help="send this task's held-out prompts (system prompt and input; "
+                   "prefill-heavy, as in `make demo`) instead of one-line ones")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -76,25 +78,34 @@ def main(argv: list[str] | None = None) -> int:
             "base-no-lora": (plain, [model]),
             "base-no-lora-eager": (eager, [model]),
         }
+        chats = task_chats(args.task) if args.task else None
         for url, models in arms.values():  # warm-up: every adapter in a slot, both engines compiled
-            run_load(url, models, len(models) * 2, len(models) * 2, 4)
+            run_load(url, models, len(models) * 2, len(models) * 2, 4, chats=chats)
         results = {name: [] for name in arms}
         print(
             f"==> {args.rounds} rounds x {len(arms)} arms x {args.requests} requests, c={args.concurrency}, "
-            f"{args.max_tokens} forced output tokens; LoRA kernels: {cpu_lora.path()} ({cpu_lora.ENV}={os.environ.get(cpu_lora.ENV, '1')})",
+            f"{args.max_tokens} forced output tokens, {args.task or 'one-line'} prompts; LoRA kernels: {cpu_lora.path()} ({cpu_lora.ENV}={os.environ.get(cpu_lora.ENV, '1')})",
             flush=True,
         )
         names = list(arms)
         for i in range(args.rounds):
             for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate: drift hits every arm alike
                 url, models = arms[name]
-                r = run_load(url, models, args.requests, args.concurrency, args.max_tokens)
+                r = run_load(url, models, args.requests, args.concurrency, args.max_tokens, chats=chats)
                 results[name].append((r["tok_s"], p90(r["ttfts"])))
                 print(
                     f"    round {i + 1} {name:20s} {r['tok_s']:7.1f} tok/s  TTFT p90 {p90(r['ttfts']) * 1e3:7.0f} ms"
                 )
     report(results, args.max_loras)
     return 0
+
+
+def task_chats(task: str, n: int = 64) -> list[list[dict]]:
+    """A task's held-out prompts as chat messages (its system prompt, then the input), without the answers."""
+    from train.data import split_prompt, to_conversation
+    from train.tasks import get_task
+
+    return [split_prompt(to_conversation(r))[0] for r in get_task(task).generate(n, split="eval", seed=0)]
 
 
 def report(results: dict[str, list[tuple[float, float]]], max_loras: int) -> None:

@@ -232,10 +232,11 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
 def apply_lora(plan: Plan, y, x2, lora_a_stacked, lora_b_stacked, scale: float, output_slices) -> None:
     if not plan.slots:
         return None  # no token has an adapter
-    # bf16/fp16 engines: the rank-sized intermediate stays float32, as in vLLM's kernels
-    dtype = torch.float32 if x2.dtype in (torch.bfloat16, torch.float16) else x2.dtype
-    if x2.dtype != dtype:
-        x2 = x2.to(dtype)
+    # In the engine's dtype, bf16 included: a float32 intermediate (as vLLM's kernels keep) cost a cast of x and a
+    # full-width float32 product, more than the base projection itself at 256+ tokens on an AVX512-BF16 CPU
+    # (python -m lorafleet.benches.cpu_lora). Rounding the rank-sized intermediate to bf16 moves the delta by
+    # about 2^-8 of itself, the rounding y gets anyway.
+    dtype = x2.dtype
     y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
     width = sum(output_slices)
     out = y2 if y2.shape[1] == width else y2[:, :width]

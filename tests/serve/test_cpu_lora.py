@@ -221,6 +221,25 @@ def test_fused_layer_matches_row_by_row_reference(tokens, layout, path, scale, o
     assert torch.allclose(y.double(), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["masked", "segmented"])
+def test_a_bf16_engines_fused_layer_stays_within_bf16_rounding_of_the_reference(path, ops_installed, monkeypatch):
+    """bf16 engines compute the LoRA delta in bf16 (no float32 intermediate): the delta stays within a few bf16
+    roundings of the float64 reference, where dropping it would miss by its whole size."""
+    monkeypatch.setattr(cpu_lora, "SEGMENT_MIN_TOKENS", 0 if path == "segmented" else 10**9)
+    cpu_lora._STACKS.clear()
+    ids = [(0, 11, 12, 14)[t % 4] for t in range(200)]
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(200, IN, generator=g).bfloat16(), torch.randn(200, sum(OUTS), generator=g).bfloat16()
+    a, b = (tuple(w.bfloat16() for w in ws) for ws in layer_weights(seed=3))
+    want = expected(y, x, a, b, [{0: -1, 11: 0, 12: 1, 14: 3}[i] for i in ids])
+    got = y.clone()
+    cpu_lora.add_lora_linear(punica([11, 12, None, 14], ids), got, x, a, b, 1.0, OUTS)
+    assert got.dtype == torch.bfloat16
+    delta, err = (want - y.double()).abs().mean(), (got.double() - want).abs()
+    assert delta > 0.1 and err.mean() < delta / 50  # bf16 keeps about 3 digits
+    assert torch.allclose(got.double(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_fused_layer_leaves_out_only_rank_rows_that_are_zero_everywhere():
     cpu_lora._STACKS.clear()
     a, b = layer_weights(seed=5, rank=4)
