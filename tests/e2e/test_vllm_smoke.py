@@ -5,11 +5,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.serve.conftest import make_random_adapter
+from tests.serve.conftest import CAPITAL_QUESTION, make_random_adapter
 
 pytestmark = pytest.mark.vllm
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": CAPITAL_QUESTION}]
 
 
 def test_base_and_lora_answers_differ(vllm_engine, smollm2_path, tmp_path):

@@ -16,6 +16,9 @@ from train.export import random_adapter
 
 KEYS = {name: f"sk-test-{name}" for name in ("acme", "globex", "tight", "single", "meter", "budget")}
 ADMIN_KEY = "sk-test-admin"
+# A question whose greedy answer ("The capital of France is Paris.") clears every rounding: SmolLM2's top-2 margin
+# along it is 0.45 nats; without "Answer in one word." it is 0.10, which bf16 rounding flips (tests/conftest.py).
+CAPITAL_QUESTION = "What is the capital of France? Answer in one word."
 
 
 def tenant(name: str, models: list[str], **limits) -> dict:

@@ -12,13 +12,13 @@ import pytest
 
 from serve.gateway.app import ServerThread, create_app
 from tests.conftest import free_port
-from tests.serve.conftest import ADMIN_KEY, KEYS, config, make_random_adapter, metric, scrape, tenant
+from tests.serve.conftest import ADMIN_KEY, CAPITAL_QUESTION, KEYS, config, make_random_adapter, metric, scrape, tenant
 from tests.serve.fake_engine import wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 BASE = "smollm2-135m-instruct"
-MSG = [{"role": "user", "content": "What is the capital of France?"}]
+MSG = [{"role": "user", "content": CAPITAL_QUESTION}]
 ADAPTERS = ("acme-a", "globex-a", "hot")
 
 
