@@ -11,7 +11,7 @@ slot, so a base-model request batched beside adapter requests got the last slot'
 
 On top of the ops, each LoRA layer is applied as a whole (`add_lora_linear`, replacing vLLM's loop of one shrink
 and one expand per slice): the batch's slot plan is worked out once per batch, not per op; a batch without adapter
-tokens does no LoRA work at all; and any other batch costs one matmul for the shrink of every slice and one for
+tokens does no LoRA work at all, nor does a layer no adapter of the batch trains (zero slots); and any other batch costs one matmul for the shrink of every slice and one for
 the expand of every slice (B block-diagonal by slice), on weights stacked once per set of slots in use (trimmed to
 the rank the loaded adapters really have). Tokens of a decode-sized mixed batch are computed against every adapter
 in the batch and masked to their own: n adapters cost n times the (rank-sized) FLOPs of one, which on these shapes
@@ -184,14 +184,18 @@ def stacked(a_stacked, b_stacked, slots: tuple[int, ...], dtype: torch.dtype):
     """The layer's weights for `slots`, laid out for two matmuls: a_t [in, slices * n * rank] (columns ordered by
     slice, then slot, then rank) and b [slices * n * rank, sum of the slices' outputs], block-diagonal by slice.
     Rank rows that are zero in every slot's A (vLLM pads each adapter to --max-lora-rank) are left out: they add
-    exactly nothing."""
+    exactly nothing. None when every row is: no adapter of `slots` trains this layer (a recipe that adapts only the
+    top layers leaves the others' slots zero), so the layer costs what the base model's costs."""
     cache = _STACKS.setdefault(a_stacked[0].data_ptr(), {})
     if slots in cache:
         return cache[slots]
     pick = torch.tensor(slots)
     a = torch.stack([w.squeeze(1).index_select(0, pick) for w in a_stacked])  # [slices, n, R, in]
     live = a.abs().amax(dim=(0, 1, 3)).nonzero()
-    rank = int(live.max()) + 1 if live.numel() else 1
+    if not live.numel():
+        cache[slots] = None
+        return None
+    rank = int(live.max()) + 1
     a_t = a[:, :, :rank].reshape(-1, a.shape[-1]).t().contiguous().to(dtype)
     bs = [
         w.squeeze(1).index_select(0, pick)[:, :, :rank].transpose(1, 2).reshape(len(slots) * rank, -1).to(dtype)
@@ -242,7 +246,10 @@ def apply_lora(plan: Plan, y, x2, lora_a_stacked, lora_b_stacked, scale: float, 
     out = y2 if y2.shape[1] == width else y2[:, :width]
     if plan.segmented:
         return _add_by_segment(plan, out, x2, lora_a_stacked, lora_b_stacked, scale, dtype)
-    a_t, b, rank = stacked(lora_a_stacked, lora_b_stacked, plan.slots, dtype)
+    weights = stacked(lora_a_stacked, lora_b_stacked, plan.slots, dtype)
+    if weights is None:
+        return None  # no adapter of the batch trains this layer
+    a_t, b, rank = weights
     h = torch.mm(x2, a_t)
     if not plan.uniform:
         h.mul_(plan.mask(len(output_slices), rank, dtype, scale))
@@ -257,11 +264,14 @@ def apply_lora(plan: Plan, y, x2, lora_a_stacked, lora_b_stacked, scale: float, 
 
 def _add_by_segment(plan: Plan, out, x2, lora_a_stacked, lora_b_stacked, scale: float, dtype) -> None:
     """Each adapter's tokens through its own weights only: no FLOPs spent on the other adapters (SGMV-style)."""
+    weights = [stacked(lora_a_stacked, lora_b_stacked, (slot,), dtype) for slot, _, _ in plan.segments]
+    if all(w is None for w in weights):
+        return None  # no adapter of the batch trains this layer
     xs = x2.index_select(0, plan.order)
-    delta = xs.new_empty(xs.shape[0], out.shape[1])
-    for slot, start, end in plan.segments:
-        a_t, b, _ = stacked(lora_a_stacked, lora_b_stacked, (slot,), dtype)
-        torch.mm(torch.mm(xs[start:end], a_t), b, out=delta[start:end])
+    delta = xs.new_zeros(xs.shape[0], out.shape[1]) if None in weights else xs.new_empty(xs.shape[0], out.shape[1])
+    for (_, start, end), w in zip(plan.segments, weights, strict=True):
+        if w is not None:
+            torch.mm(torch.mm(xs[start:end], w[0]), w[1], out=delta[start:end])
     if scale != 1.0:
         delta.mul_(scale)
     out.index_add_(0, plan.order, delta if delta.dtype == out.dtype else delta.to(out.dtype))

@@ -250,6 +250,35 @@ def test_fused_layer_leaves_out_only_rank_rows_that_are_zero_everywhere():
     assert rank == 4
 
 
+@pytest.mark.parametrize("path", ["masked", "segmented"])
+def test_a_layer_no_adapter_of_the_batch_trains_costs_no_lora_work(path, ops_installed, monkeypatch):
+    """A recipe that adapts only the top layers leaves the other layers' slots zero: a batch of such adapters adds
+    nothing there without a matmul, and a batch that mixes them with one that does train the layer stays exact."""
+    monkeypatch.setattr(cpu_lora, "SEGMENT_MIN_TOKENS", 0 if path == "segmented" else 10**9)
+    cpu_lora._STACKS.clear()
+    slot_ids, slot_of = [11, 12, None, 14], {0: -1, 11: 0, 12: 1, 14: 3}
+    ids = [(0, 11, 12, 14)[t % 4] for t in range(200)]
+    a, b = layer_weights(seed=4)
+    for w in a:
+        w[1] = 0  # adapter 12 does not train this layer (vLLM leaves its slot zero)
+    x, y = torch.randn(200, IN), torch.randn(200, sum(OUTS))
+    want = expected(y, x, a, b, [slot_of[i] for i in ids])
+    cpu_lora.add_lora_linear(punica(slot_ids, ids), y, x, a, b, 1.0, OUTS)
+    assert torch.allclose(y.double(), want, atol=1e-5)
+
+    for w in a:
+        w[:] = 0  # now no adapter of the batch trains it
+    cpu_lora._STACKS.clear()
+
+    def no_matmul(*args, **kwargs):
+        raise AssertionError("multiplied by the weights of a layer no adapter of the batch trains")
+
+    monkeypatch.setattr(torch, "mm", no_matmul)
+    before = y.clone()
+    cpu_lora.add_lora_linear(punica(slot_ids, ids), y, x, a, b, 1.0, OUTS)
+    assert torch.equal(y, before)
+
+
 def test_a_slot_written_again_is_never_served_from_the_old_stack(monkeypatch):
     """vLLM reuses a slot for another adapter by writing its weights in place; the stacked copy must not outlive it."""
     cpu_lora._STACKS.clear()
