@@ -10,12 +10,15 @@ output length) straight to the engine:
                         (no torch.compile), so this arm tells the LoRA work from the compiler's gain
 It prints output throughput and TTFT p90 of each arm as ratios to the base model on the LoRA engine (and the
 LoRA engine's base to the LoRA-off engine's), with the spread over rounds, and which LoRA kernel path ran.
+`--adapters DIR...` serves trained adapters (cycled over the slots) instead of random ones on every layer, and
+`--eager` runs the engines as `make demo` does on CPU: with both, it measures what the demo's unmerged tenants cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -40,6 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64, help="forced output tokens per request")
     p.add_argument("--max-loras", type=int, default=8, help="adapter slots of the LoRA engine (the mix-max arm)")
+    p.add_argument("--adapters", nargs="+", type=Path, default=None, metavar="DIR",
+                   help="serve these trained adapters (cycled over the slots) instead of random ones on every layer, "
+                   "e.g. adapters/manifest adapters/contract adapters/drugs after `make demo`")  # fmt: skip
+    p.add_argument("--eager", action="store_true", help="run the LoRA engine and the first LoRA-off one eagerly "
+                   "(`--optimization-level 0`), as `make demo` runs its engines on CPU")  # fmt: skip
     p.add_argument("--task", default="", help="send this task's held-out prompts (system prompt and input; "
                    "prefill-heavy, as in `make demo`) instead of one-line ones")  # fmt: skip
     return p.parse_args(argv)
@@ -52,16 +60,25 @@ def p90(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    missing = [str(d) for d in args.adapters or [] if not (d / "adapter_config.json").is_file()]
+    if missing:
+        raise SystemExit(f"not PEFT adapter folders (no adapter_config.json): {', '.join(missing)}")
     work = Path(tempfile.mkdtemp(prefix="lorafleet-lora-cost-"))
     adapters = [f"a{i}" for i in range(args.max_loras)]
-    make_adapters(model_path(args.model), work, adapters)
-    lora_cfg = one_engine_config(args.model, work, name="lora", max_loras=args.max_loras)
-    plain_cfg = one_engine_config(args.model, work, name="plain", enable_lora=False)
+    if args.adapters:
+        for i, name in enumerate(adapters):  # the same weights under another name are another adapter to vLLM
+            shutil.copytree(args.adapters[i % len(args.adapters)], work / name)
+    else:
+        make_adapters(model_path(args.model), work, adapters)
+    mode = {"extra_args": ["--optimization-level", "0"]} if args.eager else {}
+    lora_cfg = one_engine_config(args.model, work, name="lora", max_loras=args.max_loras, **mode)
+    plain_cfg = one_engine_config(args.model, work, name="plain", enable_lora=False, **mode)
     eager_cfg = one_engine_config(
         args.model, work, name="plain-eager", enable_lora=False, extra_args=["--compilation-config", '{"mode": 0}']
     )
     with ExitStack() as stack:
-        print("==> starting a LoRA engine and two LoRA-off engines (compiled, eager)", flush=True)
+        how = "eager" if args.eager else "compiled"
+        print(f"==> starting a LoRA engine ({how}) and two LoRA-off engines ({how}, eager)", flush=True)
         lora = stack.enter_context(running_stack(lora_cfg, "none", ready_timeout=600)).engine_url()
         plain = stack.enter_context(running_stack(plain_cfg, "none", ready_timeout=600)).engine_url()
         eager = stack.enter_context(running_stack(eager_cfg, "none", ready_timeout=600)).engine_url()
@@ -84,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {name: [] for name in arms}
         print(
             f"==> {args.rounds} rounds x {len(arms)} arms x {args.requests} requests, c={args.concurrency}, "
-            f"{args.max_tokens} forced output tokens, {args.task or 'one-line'} prompts; LoRA kernels: {cpu_lora.path()} ({cpu_lora.ENV}={os.environ.get(cpu_lora.ENV, '1')})",
+            f"{args.max_tokens} forced output tokens, {args.task or 'one-line'} prompts, "
+            f"{'adapters ' + ', '.join(map(str, args.adapters)) if args.adapters else 'random adapters'}; LoRA kernels: {cpu_lora.path()} ({cpu_lora.ENV}={os.environ.get(cpu_lora.ENV, '1')})",
             flush=True,
         )
         names = list(arms)
