@@ -99,10 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         for url, models in arms.values():  # warm-up: every adapter in a slot, both engines compiled
             run_load(url, models, len(models) * 2, len(models) * 2, 4, chats=chats)
         results = {name: [] for name in arms}
+        # --eager overrides the plugin's compiled default: the engine runs the same fused ops without a graph
+        kernels = (
+            cpu_lora.path().replace("compiled engine", "eager engine (--eager)") if args.eager else cpu_lora.path()
+        )
         print(
             f"==> {args.rounds} rounds x {len(arms)} arms x {args.requests} requests, c={args.concurrency}, "
             f"{args.max_tokens} forced output tokens, {args.task or 'one-line'} prompts, "
-            f"{'adapters ' + ', '.join(map(str, args.adapters)) if args.adapters else 'random adapters'}; LoRA kernels: {cpu_lora.path()} ({cpu_lora.ENV}={os.environ.get(cpu_lora.ENV, '1')})",
+            f"{'adapters ' + ', '.join(map(str, args.adapters)) if args.adapters else 'random adapters'}; LoRA kernels: {kernels} ({cpu_lora.ENV}={os.environ.get(cpu_lora.ENV, '1')})",
             flush=True,
         )
         names = list(arms)
