@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, work, name="plain-eager", enable_lora=False, extra_args=["--compilation-config", '{"mode": 0}']
     )
     with ExitStack() as stack:
-        how = "eager" if args.eager else "compiled"
-        print(f"==> starting a LoRA engine ({how}) and two LoRA-off engines ({how}, eager)", flush=True)
+        how = "an eager LoRA engine and two eager" if args.eager else "a compiled LoRA engine, a compiled and an eager"
+        print(f"==> starting {how} LoRA-off engines", flush=True)
         lora = stack.enter_context(running_stack(lora_cfg, "none", ready_timeout=600)).engine_url()
         plain = stack.enter_context(running_stack(plain_cfg, "none", ready_timeout=600)).engine_url()
         eager = stack.enter_context(running_stack(eager_cfg, "none", ready_timeout=600)).engine_url()
@@ -99,14 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         for url, models in arms.values():  # warm-up: every adapter in a slot, both engines compiled
             run_load(url, models, len(models) * 2, len(models) * 2, 4, chats=chats)
         results = {name: [] for name in arms}
-        # --eager overrides the plugin's compiled default: the engine runs the same fused ops without a graph
-        kernels = (
-            cpu_lora.path().replace("compiled engine", "eager engine (--eager)") if args.eager else cpu_lora.path()
-        )
+        kernels = cpu_lora.path(compiled=False if args.eager else None)  # --eager overrides the compiled default
         print(
             f"==> {args.rounds} rounds x {len(arms)} arms x {args.requests} requests, c={args.concurrency}, "
             f"{args.max_tokens} forced output tokens, {args.task or 'one-line'} prompts, "
-            f"{'adapters ' + ', '.join(map(str, args.adapters)) if args.adapters else 'random adapters'}; LoRA kernels: {kernels} ({cpu_lora.ENV}={os.environ.get(cpu_lora.ENV, '1')})",
+            f"{'adapters ' + ', '.join(map(str, args.adapters)) if args.adapters else 'random adapters'}; "
+            f"LoRA kernels: {kernels} ({cpu_lora.ENV}={os.environ.get(cpu_lora.ENV, '1')})",
             flush=True,
         )
         names = list(arms)

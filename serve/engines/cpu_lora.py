@@ -11,8 +11,8 @@ slot, so a base-model request batched beside adapter requests got the last slot'
 
 On top of the ops, each LoRA layer is applied as a whole (`add_lora_linear`, replacing vLLM's loop of one shrink
 and one expand per slice): the batch's slot plan is worked out once per batch, not per op; a batch without adapter
-tokens does no LoRA work at all, nor does a layer no adapter of the batch trains (zero slots); and any other batch costs one matmul for the shrink of every slice and one for
-the expand of every slice (B block-diagonal by slice), on weights stacked once per set of slots in use (trimmed to
+tokens does no LoRA work at all, nor does a layer no adapter of the batch trains (zero slots); and any other batch
+costs one matmul for the shrink of every slice and one for the expand of every slice (B block-diagonal by slice), on weights stacked once per set of slots in use (trimmed to
 the rank the loaded adapters really have). Tokens of a decode-sized mixed batch are computed against every adapter
 in the batch and masked to their own: n adapters cost n times the (rank-sized) FLOPs of one, which on these shapes
 is far cheaper than a loop of small ops per adapter; a prefill-sized one goes adapter by adapter, each on its own
@@ -422,11 +422,12 @@ def install(fused: bool = True, compiled: bool = False) -> bool:
     return True
 
 
-def path() -> str:
-    """Which LoRA kernels an engine started with this environment runs."""
-    fused = "lorafleet fused per-layer CPU LoRA, " + (
-        "compiled engine" if os.environ.get(COMPILE_ENV, "1") != "0" else "eager engine (vLLM's CPU default)"
-    )
+def path(compiled: bool | None = None) -> str:
+    """Which LoRA kernels an engine started with this environment runs; `compiled=False` for an engine that its
+    own flags run eagerly (`--optimization-level 0`), whatever the environment says."""
+    if compiled is None:
+        compiled = os.environ.get(COMPILE_ENV, "1") != "0"
+    fused = "lorafleet fused per-layer CPU LoRA, " + ("compiled engine" if compiled else "eager engine")
     return {"0": "vLLM's own CPU LoRA ops", "ops": "lorafleet per-op CPU LoRA ops"}.get(
         os.environ.get(ENV, "1"), fused
     )

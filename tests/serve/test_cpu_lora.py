@@ -553,3 +553,12 @@ def test_base_requests_stay_base_when_every_slot_holds_an_adapter(vllm_engine, s
         f"base requests batched beside adapters moved {drift:.3f} nats (reference: beside base requests of the "
         f"same shapes); the smallest adapter effect is {min(effects):.3f}: base tokens got an adapter's weights"
     )
+
+
+def test_path_names_the_engine_mode_its_flags_force_over_the_environment(monkeypatch):
+    monkeypatch.delenv(cpu_lora.ENV, raising=False)
+    monkeypatch.setenv(cpu_lora.COMPILE_ENV, "1")
+    assert "compiled engine" in cpu_lora.path()
+    assert "eager engine" in cpu_lora.path(compiled=False)  # lora_cost --eager: -O0 beats the compiled default
+    monkeypatch.setenv(cpu_lora.COMPILE_ENV, "0")
+    assert "eager engine" in cpu_lora.path() and "compiled engine" in cpu_lora.path(compiled=True)
