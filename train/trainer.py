@@ -124,6 +124,9 @@ class Run:
         self.validator = _validator(cfg, tok, data)
         self.best: dict | None = None  # the best-scoring LoRA weights so far
         self.deadline: float | None = None  # clock() by which the run must end (train.auto's budget)
+        # Steps before this are scored and logged but never kept over a later score, nor count against patience
+        # (train.auto: never less training than the recipe it starts from).
+        self.keep_from = 0
         self.stopped = ""  # why the run ended before its last step: "patience" | "budget"
         self.state: State | None = None  # the loop's state once fit() has run
         self.finished = False  # the adapter is saved (fit() ran to the end, not to `stop_after`)
@@ -245,10 +248,10 @@ class Run:
         row = [state.step, round(s.exact, 4), round(s.mean_score, 4), round(loss, 5)]
         state.score.append(row)
         best = next((r for r in state.score if r[0] == state.best_step), None)
-        if best is None or row[1:3] > best[1:3]:  # exact, then mean score; a tie keeps the earlier (shorter) one
+        if best is None or self._rank(row) > self._rank(best):
             state.best_step, state.best_predictions, state.since_best = state.step, s.predictions, 0
             self.best = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        elif not self.validator.diagnose(state.best_predictions).warnings:
+        elif state.step >= self.keep_from and not self.validator.diagnose(state.best_predictions).warnings:
             state.since_best += 1
         # else: the best so far answers (nearly) one thing for every input. A model leaving the majority answer
         # often scores lower first (measured on examples/expenses: 62.5 % collapsed, then 42.5 %, 52.5 %), so
@@ -258,6 +261,10 @@ class Run:
             f"step {state.step}: score exact {s.exact:.1%}, mean {s.mean_score:.3f}, loss {loss:.4f} on "
             f"{len(s.predictions)} held-out ({clock() - t0:.0f} s){mark}"
         )
+
+    def _rank(self, row: list) -> tuple:
+        """Past the `keep_from` floor first, then exact, then mean score; a tie keeps the earlier (shorter) one."""
+        return (row[0] >= self.keep_from, row[1], row[2])
 
     def stop_early(self, state: State, bar) -> bool:
         """Patience spent, or the next step (and its score) would pass the deadline: end here, scored."""

@@ -214,6 +214,18 @@ def test_candidates_tied_on_the_score_are_told_apart_by_their_held_out_loss(tmp_
     assert all(len(row) == 4 for row in report["score"]["curve"])  # [step, exact, mean score, loss]
 
 
+def test_auto_keeps_no_checkpoint_before_the_recipes_own_epochs(tmp_path, data, monkeypatch):
+    # The recipe trains 1 epoch (8 steps); auto plans 6, scored every 4 steps. The trial's check (step 4) scores
+    # best of all, then nothing beats the first check past the floor (step 8) for 3 checks: patience stops at 20.
+    # Without the floor, step 4 would be kept and patience would stop the run at step 16.
+    seen = scripted(monkeypatch, [0.9, 0.2, 0.1, 0.2, 0.1, 0.9, 0.9])
+    out = auto.run(auto_cfg(tmp_path, data, auto_search=[], auto_budget_s=3600), log=lambda _: None)
+    sc = json.loads((out / REPORT_FILE).read_text())["score"]
+    assert [r[0] for r in sc["curve"]] == [4, 8, 12, 16, 20] and sc["stopped"] == "patience"
+    assert sc["best_step"] == 8 and sc["best_exact"] == 0.2
+    assert same(saved(out), {k: v for k, v in seen[1].items() if k in saved(out)})
+
+
 def test_auto_stops_when_a_budget_in_seconds_is_spent(tmp_path, data, virtual):
     out = auto.run(auto_cfg(tmp_path, data, auto_budget_s=120), log=lambda _: None)
     report = json.loads((out / REPORT_FILE).read_text())
