@@ -201,16 +201,62 @@ def expected(y, x, a, b, slot_of_token: list[int], slices=OUTS, scale: float = 1
     return out
 
 
+RUN = 40  # tokens per prompt in the layouts below; the tests lower RUN_MIN_TOKENS to 32 to keep batches small
+DECODES = (0, 11, 12, 14, 11, 0)
+
+
+def prefills(tokens: int, decodes_after: bool = False) -> list[int]:
+    """A batch as vLLM lays out decodes beside prefill chunks: 6 decode tokens of mixed adapters (and the base),
+    then each request's prompt tokens side by side, RUN at a time: adapter 11, the base, 14, 11 again, 12, ...
+    `decodes_after`: the decodes split, half before the prompts and half after (the rest gathered, not in place)."""
+    head, tail = (DECODES[:3], DECODES[3:]) if decodes_after else (DECODES, ())
+    prompts = tokens - min(tokens, len(head) + len(tail))
+    ids = list(head) + [(11, 0, 14, 11, 12)[(t // RUN) % 5] for t in range(prompts)] + list(tail)
+    return ids[:tokens]
+
+
+LAYOUTS = ["uniform", "mixed", "none", "one-beside-base", "prefills", "prefills-split"]
+
+
+def layout_ids(layout: str, tokens: int) -> list[int]:
+    """Adapter id per token (0: the base model) for a batch of `tokens` in one of LAYOUTS."""
+    if layout.startswith("prefills"):
+        return prefills(tokens, decodes_after=layout == "prefills-split")
+    return {"uniform": [12] * tokens, "none": [0] * tokens, "one-beside-base": [14, 0] * tokens,
+            "mixed": [(0, 11, 12, 14)[t % 4] for t in range(tokens)]}[layout][:tokens]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def short_runs(monkeypatch):
+    monkeypatch.setattr(cpu_lora, "RUN_MIN_TOKENS", 32)
+
+
+def slot_indices(ids: list[int]) -> torch.Tensor:
+    return torch.tensor([{0: -1, 11: 0, 12: 1, 14: 3}[i] for i in ids])
+
+
+def test_prefill_runs_are_found_and_the_rest_planned_apart():
+    plan = cpu_lora.make_plan(slot_indices(prefills(200)))
+    # 40-token runs from token 6 on: 11, base (no run: nothing to add), 14, 11, 12 (cut to 34 tokens: still a run)
+    assert plan.runs == ((0, 6, 46), (3, 86, 126), (0, 126, 166), (1, 166, 200))
+    # the decodes, side by side before the prompts, are computed in place as a batch of their own
+    assert plan.rest_span == (1, 5) and plan.rest.slots == (0, 1, 3) and plan.rest_rows is None
+    split = cpu_lora.make_plan(slot_indices(prefills(200, decodes_after=True)))
+    assert split.rest_span is None and split.rest_rows.tolist() == [1, 2, 197, 198]  # on both sides: gathered
+    short = cpu_lora.make_plan(torch.tensor([0] * 31 + [1] * 31))
+    assert not short.runs and short.rest is None  # runs under RUN_MIN_TOKENS: the grouped paths as before
+
+
 @pytest.mark.parametrize("tokens", [1, 16, 64, 65, 200])
-@pytest.mark.parametrize("layout", ["uniform", "mixed", "none", "one-beside-base"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("path", "scale"), [("masked", 1.0), ("segmented", 1.0), ("masked", 0.5), ("segmented", 0.5)])
 def test_fused_layer_matches_row_by_row_reference(tokens, layout, path, scale, ops_installed, monkeypatch):
-    """Both ways of computing a mixed batch: every adapter at once and masked, or each adapter on its own tokens."""
+    """Every way of computing a mixed batch: every adapter at once and masked, each adapter on its own tokens, and
+    (layout "prefills") runs of one adapter's tokens in place beside the rest."""
     monkeypatch.setattr(cpu_lora, "SEGMENT_MIN_TOKENS", 0 if path == "segmented" else 10**9)
     cpu_lora._STACKS.clear()
     slot_ids = [11, 12, None, 14]  # adapter id per slot; slot 2 empty
-    ids = {"uniform": [12] * tokens, "none": [0] * tokens, "one-beside-base": [14, 0] * tokens,
-           "mixed": [(0, 11, 12, 14)[t % 4] for t in range(tokens)]}[layout][:tokens]  # fmt: skip
+    ids = layout_ids(layout, tokens)
     slot_of = {0: -1, 11: 0, 12: 1, 14: 3}
     g = torch.Generator().manual_seed(tokens)
     x, y = torch.randn(tokens, IN, generator=g), torch.randn(tokens, sum(OUTS), generator=g)
@@ -221,13 +267,13 @@ def test_fused_layer_matches_row_by_row_reference(tokens, layout, path, scale, o
     assert torch.allclose(y.double(), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["masked", "segmented"])
+@pytest.mark.parametrize("path", ["masked", "segmented", "prefills"])
 def test_a_bf16_engines_fused_layer_stays_within_bf16_rounding_of_the_reference(path, ops_installed, monkeypatch):
     """bf16 engines compute the LoRA delta in bf16 (no float32 intermediate): the delta stays within a few bf16
     roundings of the float64 reference, where dropping it would miss by its whole size."""
     monkeypatch.setattr(cpu_lora, "SEGMENT_MIN_TOKENS", 0 if path == "segmented" else 10**9)
     cpu_lora._STACKS.clear()
-    ids = [(0, 11, 12, 14)[t % 4] for t in range(200)]
+    ids = layout_ids("prefills" if path == "prefills" else "mixed", 200)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(200, IN, generator=g).bfloat16(), torch.randn(200, sum(OUTS), generator=g).bfloat16()
     a, b = (tuple(w.bfloat16() for w in ws) for ws in layer_weights(seed=3))
@@ -250,14 +296,14 @@ def test_fused_layer_leaves_out_only_rank_rows_that_are_zero_everywhere():
     assert rank == 4
 
 
-@pytest.mark.parametrize("path", ["masked", "segmented"])
+@pytest.mark.parametrize("path", ["masked", "segmented", "prefills"])
 def test_a_layer_no_adapter_of_the_batch_trains_costs_no_lora_work(path, ops_installed, monkeypatch):
     """A recipe that adapts only the top layers leaves the other layers' slots zero: a batch of such adapters adds
     nothing there without a matmul, and a batch that mixes them with one that does train the layer stays exact."""
     monkeypatch.setattr(cpu_lora, "SEGMENT_MIN_TOKENS", 0 if path == "segmented" else 10**9)
     cpu_lora._STACKS.clear()
     slot_ids, slot_of = [11, 12, None, 14], {0: -1, 11: 0, 12: 1, 14: 3}
-    ids = [(0, 11, 12, 14)[t % 4] for t in range(200)]
+    ids = layout_ids("prefills" if path == "prefills" else "mixed", 200)
     a, b = layer_weights(seed=4)
     for w in a:
         w[1] = 0  # adapter 12 does not train this layer (vLLM leaves its slot zero)
@@ -552,6 +598,67 @@ def test_base_requests_stay_base_when_every_slot_holds_an_adapter(vllm_engine, s
     assert drift < min(effects) / 10, (
         f"base requests batched beside adapters moved {drift:.3f} nats (reference: beside base requests of the "
         f"same shapes); the smallest adapter effect is {min(effects):.3f}: base tokens got an adapter's weights"
+    )
+
+
+def steps_over(url: str, tokens: int) -> float:
+    """How many engine steps so far processed more than `tokens` tokens (vLLM's histogram of tokens per step;
+    `tokens` must be one of its bucket bounds)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return metric(text, "vllm:iteration_tokens_total_count") - metric(
+        text, "vllm:iteration_tokens_total_bucket", le=f"{float(tokens)}"
+    )
+
+
+def salted_logprobs(url: str, model: str, ids: list[int]) -> list[float]:
+    """next_token_logprobs with a fresh cache salt: no prefix-cache hit, so the whole prompt is prefilled."""
+    body = {"model": model, "prompt": ids, "max_tokens": 1, "logprobs": 20, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json={**body, "cache_salt": os.urandom(8).hex()}, timeout=300)
+    assert r.status_code == 200, r.text
+    return sorted(r.json()["choices"][0]["logprobs"]["top_logprobs"][0].values(), reverse=True)
+
+
+@pytest.mark.vllm
+@cpu_engine
+def test_prompts_of_two_adapters_prefilled_together_keep_their_own_adapters(vllm_engine, smollm2_path, tmp_path):
+    """Two adapters' prompts of 200 tokens prefilled in one step, beside a third adapter's decode: each prompt is a
+    run of one adapter's tokens, computed on its rows in place (cpu_lora's runs, RUN_MIN_TOKENS 128), the decode a
+    batch of its own. Each prompt's next-token log-probs must match the same prompt prefilled alone far more closely
+    than the adapters change the model. That the two shared a step is read from vLLM's histogram of tokens per step
+    (alone, a step holds at most 201 tokens; together over 256), not assumed."""
+    from transformers import AutoTokenizer
+
+    url, base = vllm_engine.spec.url, "smollm2-135m-instruct"
+    names = ["run-a", "run-b", "run-c"]
+    for i, name in enumerate(names):
+        load_adapter(url, name, small_adapter(smollm2_path, tmp_path / name, seed=200 + i, std=0.05))
+    words = "cargo seal bags coffee port tally draft hold crane berth pallet manifest".split()
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    ids = {n: tok(" ".join(words[(i * 7 + k) % len(words)] for i in range(400)))["input_ids"][:200] for k, n in
+           enumerate(names[:2])}  # fmt: skip
+    alone = {n: [salted_logprobs(url, n, ids[n])] for n in ids}
+    effects = [distance(alone[n], [salted_logprobs(url, base, ids[n])]) for n in ids]
+    assert min(effects) > 0.3, f"the adapters barely change the model ({min(effects):.3f}): proves nothing"
+    stop, decoding = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(3) as pool:
+        companion = pool.submit(decode_stream, url, names[2], "List three ports:", decoding, stop)
+        try:
+            assert decoding.wait(COMPANION_FIRST_TOKEN_S), "the decoding companion got no token"
+            for _ in range(PROBE_ROUNDS):
+                before = steps_over(url, 256)
+                together = dict(zip(ids, pool.map(lambda n: [salted_logprobs(url, n, ids[n])], ids), strict=True))
+                if steps_over(url, 256) > before:
+                    break
+            else:
+                raise AssertionError(f"the two prompts never shared a step in {PROBE_ROUNDS} tries")
+        finally:
+            stop.set()
+        assert not companion.exception()
+    drift = max(distance(together[n], alone[n]) for n in ids)
+    print(f"\nprompts prefilled together vs alone: drift {drift:.4f} nats; adapter effects {effects}")
+    assert drift < min(effects) / 10, (
+        f"a prompt prefilled beside another adapter's moved {drift:.3f} nats from itself prefilled alone; the "
+        f"smallest adapter effect is {min(effects):.3f}: a run got another adapter's weights, or none"
     )
 
 
