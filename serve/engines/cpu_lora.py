@@ -137,10 +137,11 @@ STACKS_PER_LAYER = 4  # stacked copies of several slots kept per layer, one per 
 SEGMENT_MIN_TOKENS = 128
 # A run of at least this many consecutive tokens of one adapter (a prompt: vLLM lays a request's tokens side by
 # side, after the decodes) is computed on its own rows in place, with no gather and no scatter; the batch's other
-# adapter tokens go as above, in place too when they lie side by side. LoRA time / base projections' time, float32,
-# an AVX2 CPU, 16 decodes beside the prompts (`python -m lorafleet.benches.cpu_lora`, best of 15): 6 prompts of 280
-# tokens over 3 adapters 0.193 by segment -> 0.139 by run; 2 of 280 over 8 adapters 0.248 -> 0.175. With a threshold
-# of 32, 8 prompts of 64 tokens over 8 adapters went 0.205 -> 0.218-0.241: many short runs cost more ops.
+# adapter tokens go as above, in place too when they lie side by side. LoRA time / base projections' time, 16
+# decodes beside prompts of 280 tokens, float32 on an AVX2 CPU (`python -m lorafleet.benches.cpu_lora`): 1 prompt,
+# 3 adapters 0.193 by segment -> 0.145 by run; 1 prompt, 8 adapters 0.234 -> 0.177; 6 prompts, 3 adapters 0.202 ->
+# 0.136; 6 prompts, 8 adapters 0.170 -> 0.121. With a threshold of 32, 8 prompts of 64 tokens over 8 adapters went
+# from 0.205 to 0.218-0.241 (a script of the same shape): many short runs cost more ops than they save.
 RUN_MIN_TOKENS = 128
 
 
