@@ -147,7 +147,7 @@ def layer_bench(layers: int, slots: int) -> None:
     print(f"\nFused LoRA layers of one forward pass ({layers} layers, r=8 adapters, {slots} slots), float32;")
     print(f"mixed batches computed against every adapter and masked, by segment (>= {cpu_lora.SEGMENT_MIN_TOKENS} "
           f"adapter tokens), or by run (runs of >= {cpu_lora.RUN_MIN_TOKENS} tokens of one adapter in place, "
-          "the rest by segment or masked: the default); x: LoRA ms / base projections ms")  # fmt: skip
+          "the rest by segment: the default); x: LoRA ms / base projections ms")  # fmt: skip
     print(f"{'case':44} {'base ms':>8} {'masked x':>9} {'segment x':>10} {'by run x':>9}")
     cases = [(f"{tokens} tokens, {n} adapters, interleaved", torch.arange(tokens) % n)
              for tokens in (16, 64, 256, 1024) for n in sorted({3, 6, min(8, slots)})]  # fmt: skip
@@ -157,6 +157,37 @@ def layer_bench(layers: int, slots: int) -> None:
         r = _layer_case(idx, layers, 8, slots)
         print(f"{name:44} {r['base']:8.1f} {r['masked'] / r['base']:9.3f} {r['segmented'] / r['base']:10.3f} "
               f"{r['by run'] / r['base']:9.3f}")  # fmt: skip
+
+
+def steps_bench(layers: int, slots: int, steps: int = 12) -> None:
+    """Engine-like steps: 16 decodes over `slots` adapters beside 2 prompts of 280 tokens, a new mix each step, each
+    layer with weights of its own (so stacked weight sets are cached per layer, as in an engine)."""
+    cpu_lora._STACKS.clear()  # keyed by storage address, which an earlier case's freed weights may share
+    g, rng = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    weights = [[(tuple(torch.randn(slots, 1, 8, d, generator=g) / 50 for _ in sl),
+                 tuple(torch.randn(slots, 1, o, 8, generator=g) / 50 for o in sl)) for d, sl in SMOLLM2_LAYER]
+               for _ in range(layers)]  # fmt: skip
+    batches = [torch.cat([torch.randint(slots, (16,), generator=rng),
+                          torch.randint(slots, (2,), generator=rng).repeat_interleave(280)]) for _ in range(steps)]  # fmt: skip
+    x_by_in = {d: torch.randn(len(batches[0]), d, generator=g) for d in (576, 1536)}
+    ys = [torch.zeros(len(batches[0]), sum(sl)) for _, sl in SMOLLM2_LAYER]
+    wrapper, best, run_min = type("Wrapper", (), {})(), {}, cpu_lora.RUN_MIN_TOKENS
+    try:
+        for repeat in range(REPEATS + 1):
+            for arm, threshold in (("by segment", 10**9), ("by run", run_min)):
+                cpu_lora.RUN_MIN_TOKENS = threshold
+                t0 = time.perf_counter()
+                for idx in batches:
+                    wrapper._lorafleet_plan = cpu_lora.make_plan(idx)
+                    for layer in weights:
+                        for (d_in, sl), (a, b), y in zip(SMOLLM2_LAYER, layer, ys, strict=True):
+                            cpu_lora.add_lora_linear(wrapper, y, x_by_in[d_in], a, b, 1.0, sl)
+                if repeat:
+                    best[arm] = min(best.get(arm, math.inf), (time.perf_counter() - t0) / steps * 1e3)
+    finally:
+        cpu_lora.RUN_MIN_TOKENS = run_min
+    print(f"\n{steps} steps of 16 decodes over {slots} adapters beside 2 prompts of 280 tokens, a new mix each step, "
+          f"{layers} layers: LoRA ms per step by segment {best['by segment']:.1f}, by run {best['by run']:.1f}")  # fmt: skip
 
 
 async def _timed_requests(url: str, items: list[dict], concurrency: int) -> tuple[float, int]:
@@ -226,6 +257,7 @@ def main() -> None:
         t_theirs, t_ours, err = _bench_case(tokens, adapters, args.layers, args.rank, args.slots)
         print(f"{name:34} {t_theirs * 1e3:12.1f} {t_ours * 1e3:9.1f} {t_theirs / t_ours:8.1f}x {err:13.2e}")
     layer_bench(args.layers, max(args.slots, 8))
+    steps_bench(args.layers, max(args.slots, 8))
     if args.engine:
         engine_bench(args.engine, args.task, args.requests, args.concurrency)
 

@@ -137,11 +137,12 @@ STACKS_PER_LAYER = 4  # stacked copies of several slots kept per layer, one per 
 SEGMENT_MIN_TOKENS = 128
 # A run of at least this many consecutive tokens of one adapter (a prompt: vLLM lays a request's tokens side by
 # side, after the decodes) is computed on its own rows in place, with no gather and no scatter; the batch's other
-# adapter tokens go as above, in place too when they lie side by side. LoRA time / base projections' time, 16
-# decodes beside prompts of 280 tokens, float32 on an AVX2 CPU (`python -m lorafleet.benches.cpu_lora`): 1 prompt,
-# 3 adapters 0.193 by segment -> 0.145 by run; 1 prompt, 8 adapters 0.234 -> 0.177; 6 prompts, 3 adapters 0.202 ->
-# 0.136; 6 prompts, 8 adapters 0.170 -> 0.121. With a threshold of 32, 8 prompts of 64 tokens over 8 adapters went
-# from 0.205 to 0.218-0.241 (a script of the same shape): many short runs cost more ops than they save.
+# adapter tokens go by segment. `python -m lorafleet.benches.cpu_lora`, float32 on an AVX2 CPU: LoRA time / base
+# projections' time with 16 decodes beside prompts of 280 tokens, by segment -> by run: 1 prompt, 3 adapters
+# 0.145 -> 0.116; 1 prompt, 8 adapters 0.186 -> 0.158; 6 prompts, 3 adapters 0.154 -> 0.112; 6 prompts, 8 adapters
+# 0.229 -> 0.149; and LoRA ms per engine-like step (a new mix of decodes each step) 190 -> 136 (8 adapters), 172 ->
+# 121 (3). With a threshold of 32, 8 prompts of 64 tokens over 8 adapters went from 0.205 to 0.218-0.241 (a script
+# of the same shape): many short runs cost more ops than they save.
 RUN_MIN_TOKENS = 128
 
 
@@ -157,9 +158,7 @@ class Plan:
     order: torch.Tensor  # the tokens with an adapter, grouped by slot (in the order of `slots`)
     segments: tuple[tuple[int, int, int], ...]  # (slot, start, end) of each slot's tokens in `order`
     runs: tuple[tuple[int, int, int], ...] = ()  # (slot, start, end): runs of >= RUN_MIN_TOKENS tokens of one slot
-    rest: Plan | None = None  # the adapter tokens outside `runs`, planned on their own ...
-    rest_rows: torch.Tensor | None = None  # ... which are these rows of the batch, or
-    rest_span: tuple[int, int] | None = None  # ... which lie in these rows, side by side, with no run among them
+    rest: Plan | None = None  # with runs: the batch's other adapter tokens (the runs' marked -1)
     masks: dict = field(default_factory=dict)
 
     @property
@@ -181,17 +180,8 @@ def make_plan(idx: torch.Tensor) -> Plan:
     if plan.uniform or len(plan.order) < RUN_MIN_TOKENS:
         return plan
     runs, covered = _long_runs(idx)
-    if not runs:
-        return plan
-    rest_rows = ((idx >= 0) & ~covered).nonzero().squeeze(1)
-    plan.runs = runs
-    if not rest_rows.numel():
-        return plan
-    start, end = int(rest_rows[0]), int(rest_rows[-1]) + 1
-    if not covered[start:end].any():  # the decodes, side by side before the prompts: computed in place too
-        plan.rest, plan.rest_span = _grouped_plan(idx[start:end]), (start, end)
-    else:
-        plan.rest, plan.rest_rows = _grouped_plan(idx.index_select(0, rest_rows)), rest_rows
+    if runs:
+        plan.runs, plan.rest = runs, _grouped_plan(idx.masked_fill(covered, -1))
     return plan
 
 
@@ -290,7 +280,7 @@ def apply_lora(plan: Plan, y, x2, lora_a_stacked, lora_b_stacked, scale: float, 
     width = sum(output_slices)
     out = y2 if y2.shape[1] == width else y2[:, :width]
     if plan.runs:
-        return _add_by_run(plan, out, x2, lora_a_stacked, lora_b_stacked, scale, output_slices)
+        return _add_by_run(plan, out, x2, lora_a_stacked, lora_b_stacked, scale, dtype)
     if plan.segmented:
         return _add_by_segment(plan, out, x2, lora_a_stacked, lora_b_stacked, scale, dtype)
     weights = stacked(lora_a_stacked, lora_b_stacked, plan.slots, dtype)
@@ -309,10 +299,12 @@ def apply_lora(plan: Plan, y, x2, lora_a_stacked, lora_b_stacked, scale: float, 
     return None
 
 
-def _add_by_run(plan: Plan, out, x2, lora_a_stacked, lora_b_stacked, scale: float, output_slices) -> None:
-    """Each long run of one adapter's tokens added in place on its own rows; the other adapter tokens as a small
-    batch of their own, gathered and added back."""
-    weights = {slot: stacked(lora_a_stacked, lora_b_stacked, (slot,), x2.dtype) for slot in plan.slots}
+def _add_by_run(plan: Plan, out, x2, lora_a_stacked, lora_b_stacked, scale: float, dtype) -> None:
+    """Each long run of one adapter's tokens added in place on its own rows; the other adapter tokens (decodes) by
+    segment, on one adapter's stacked weights at a time. Not masked, even when few: that stacks the weights of the
+    decodes' set of adapters, which changes from batch to batch, so the few sets kept per layer were stacked again
+    and again (a script of steps_bench's shape, 8 adapters: 168 ms a step with the decodes masked, 125 by segment)."""
+    weights = {slot: stacked(lora_a_stacked, lora_b_stacked, (slot,), dtype) for slot in plan.slots}
     if all(w is None for w in weights.values()):
         return None  # no adapter of the batch trains this layer
     for slot, start, end in plan.runs:
@@ -320,18 +312,12 @@ def _add_by_run(plan: Plan, out, x2, lora_a_stacked, lora_b_stacked, scale: floa
         if w is None:
             continue  # this adapter does not train this layer
         h = torch.mm(x2[start:end], w[0])
-        if out.dtype == x2.dtype:
+        if out.dtype == dtype:
             out[start:end].addmm_(h, w[1], alpha=scale)
         else:
             out[start:end] += torch.mm(h, w[1]).mul_(scale).to(out.dtype)
-    if plan.rest_span is not None:
-        start, end = plan.rest_span
-        apply_lora(plan.rest, out[start:end], x2[start:end], lora_a_stacked, lora_b_stacked, scale, output_slices)
-    elif plan.rest is not None:
-        part = out.new_zeros(plan.rest.tokens, out.shape[1])
-        apply_lora(plan.rest, part, x2.index_select(0, plan.rest_rows), lora_a_stacked, lora_b_stacked, scale,
-                   output_slices)  # fmt: skip
-        out.index_add_(0, plan.rest_rows, part)
+    if plan.rest.slots:
+        _add_by_segment(plan.rest, out, x2, lora_a_stacked, lora_b_stacked, scale, dtype)
 
 
 def _add_by_segment(plan: Plan, out, x2, lora_a_stacked, lora_b_stacked, scale: float, dtype) -> None:

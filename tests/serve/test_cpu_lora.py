@@ -208,7 +208,7 @@ DECODES = (0, 11, 12, 14, 11, 0)
 def prefills(tokens: int, decodes_after: bool = False) -> list[int]:
     """A batch as vLLM lays out decodes beside prefill chunks: 6 decode tokens of mixed adapters (and the base),
     then each request's prompt tokens side by side, RUN at a time: adapter 11, the base, 14, 11 again, 12, ...
-    `decodes_after`: the decodes split, half before the prompts and half after (the rest gathered, not in place)."""
+    `decodes_after`: the decodes split, half before the prompts and half after."""
     head, tail = (DECODES[:3], DECODES[3:]) if decodes_after else (DECODES, ())
     prompts = tokens - min(tokens, len(head) + len(tail))
     ids = list(head) + [(11, 0, 14, 11, 12)[(t // RUN) % 5] for t in range(prompts)] + list(tail)
@@ -239,10 +239,10 @@ def test_prefill_runs_are_found_and_the_rest_planned_apart():
     plan = cpu_lora.make_plan(slot_indices(prefills(200)))
     # 40-token runs from token 6 on: 11, base (no run: nothing to add), 14, 11, 12 (cut to 34 tokens: still a run)
     assert plan.runs == ((0, 6, 46), (3, 86, 126), (0, 126, 166), (1, 166, 200))
-    # the decodes, side by side before the prompts, are computed in place as a batch of their own
-    assert plan.rest_span == (1, 5) and plan.rest.slots == (0, 1, 3) and plan.rest_rows is None
+    # the other adapter tokens (the decodes) are planned by segment, grouped by slot, the runs' tokens left out
+    assert plan.rest.order.tolist() == [1, 4, 2, 3] and plan.rest.segments == ((0, 0, 2), (1, 2, 3), (3, 3, 4))
     split = cpu_lora.make_plan(slot_indices(prefills(200, decodes_after=True)))
-    assert split.rest_span is None and split.rest_rows.tolist() == [1, 2, 197, 198]  # on both sides: gathered
+    assert split.rest.order.tolist() == [1, 198, 2, 197]  # decodes on both sides of the prompts
     short = cpu_lora.make_plan(torch.tensor([0] * 31 + [1] * 31))
     assert not short.runs and short.rest is None  # runs under RUN_MIN_TOKENS: the grouped paths as before
 
@@ -622,8 +622,8 @@ def salted_logprobs(url: str, model: str, ids: list[int]) -> list[float]:
 @cpu_engine
 def test_prompts_of_two_adapters_prefilled_together_keep_their_own_adapters(vllm_engine, smollm2_path, tmp_path):
     """Two adapters' prompts of 200 tokens prefilled in one step, beside a third adapter's decode: each prompt is a
-    run of one adapter's tokens, computed on its rows in place (cpu_lora's runs, RUN_MIN_TOKENS 128), the decode a
-    batch of its own. Each prompt's next-token log-probs must match the same prompt prefilled alone far more closely
+    run of one adapter's tokens, computed on its rows in place (cpu_lora's runs, RUN_MIN_TOKENS 128), the decode by
+    segment. Each prompt's next-token log-probs must match the same prompt prefilled alone far more closely
     than the adapters change the model. That the two shared a step is read from vLLM's histogram of tokens per step
     (alone, a step holds at most 201 tokens; together over 256), not assumed."""
     from transformers import AutoTokenizer
