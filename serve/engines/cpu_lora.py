@@ -17,8 +17,8 @@ the rank the loaded adapters really have). Tokens of a decode-sized mixed batch 
 in the batch and masked to their own: n adapters cost n times the (rank-sized) FLOPs of one, which on these shapes
 is far cheaper than a loop of small ops per adapter; a prefill-sized one goes adapter by adapter, each on its own
 tokens (SGMV-style), where the wasted FLOPs would cost more than the loop; and a prompt of one adapter (a run of its
-tokens side by side) is computed on its rows in place, without the gather and scatter of a segment. vLLM writes a slot only when it
-activates an adapter; that drops the stacked copies.
+tokens side by side) is computed on its rows in place, without the gather and scatter of a segment. vLLM writes a
+slot only when it activates an adapter; that drops the stacked copies.
 
 LORAFLEET_CPU_LORA=ops keeps only the per-op replacements; =0 runs vLLM's own ops (to compare).
 LoRA engines are compiled as vLLM compiles LoRA-off ones (LORAFLEET_CPU_LORA_COMPILE=0: eager, vLLM's CPU default;
