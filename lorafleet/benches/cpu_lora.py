@@ -24,8 +24,8 @@ from serve.engines import cpu_lora
 from train.models import ensure
 from train.tasks import get_task
 
-# (input, output slices) per adapted projection of one layer: qkv, o, gate_up, down
 REPEATS = 5  # rounds of every arm in turn, best kept
+# (input, output slices) per adapted projection of one layer: qkv, o, gate_up, down
 SMOLLM2_LAYER = [(576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (576,))]
 
 
