@@ -54,10 +54,13 @@ def vllm_engine(smollm2_path, tmp_path_factory):
     cfg = one_engine_config(
         str(smollm2_path), tmp_path_factory.mktemp("vllm"), name="smollm2", extra_args=["--dtype", "float32"]
     )
-    with running_stack(cfg, "none", ready_timeout=600) as stack:
-        engine = stack.engines["smollm2"]
-        print(f"\nvLLM engine ready in {engine.ready_seconds:.1f} s (log: {engine.log_path})")
-        yield engine
+    # Dev mode adds vLLM's /pause and /resume: a test holds requests in the engine to release them in one step.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_SERVER_DEV_MODE", "1")
+        with running_stack(cfg, "none", ready_timeout=600) as stack:
+            engine = stack.engines["smollm2"]
+            print(f"\nvLLM engine ready in {engine.ready_seconds:.1f} s (log: {engine.log_path})")
+            yield engine
 
 
 LIVE_KEYS = {"acme": "sk-live-acme", "globex": "sk-live-globex"}

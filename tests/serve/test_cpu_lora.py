@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
@@ -618,14 +619,36 @@ def salted_logprobs(url: str, model: str, ids: list[int]) -> list[float]:
     return sorted(r.json()["choices"][0]["logprobs"]["top_logprobs"][0].values(), reverse=True)
 
 
+HOLD_S = 5  # how long the paused engine holds requests: they reach its queue in milliseconds
+
+
+def held_then_released(url: str, pool, calls: list):
+    """Run `calls` with the engine's scheduler paused for HOLD_S, so that they queue in it together: the step after
+    the resume schedules them together, whatever the machine's speed.
+
+    vLLM's `/pause?mode=keep` (dev mode, which the test engine runs in) freezes every request, a decoding one too.
+    A paused engine does not step, so nothing reports its queue: the hold is a fixed time, and whether the calls
+    shared a step is for the caller to check. Sent without it, two prompts arrived a few ms apart, and a fresh clone
+    saw vLLM put them in separate steps in 3 tries of 3."""
+    r = httpx.post(f"{url}/pause", params={"mode": "keep"}, timeout=60)
+    assert r.status_code == 200, f"the engine did not pause (VLLM_SERVER_DEV_MODE off?): {r.status_code} {r.text}"
+    try:
+        futures = [pool.submit(call) for call in calls]
+        time.sleep(HOLD_S)
+    finally:
+        assert httpx.post(f"{url}/resume", timeout=60).status_code == 200
+    return [f.result() for f in futures]
+
+
 @pytest.mark.vllm
 @cpu_engine
 def test_prompts_of_two_adapters_prefilled_together_keep_their_own_adapters(vllm_engine, smollm2_path, tmp_path):
     """Two adapters' prompts of 200 tokens prefilled in one step, beside a third adapter's decode: each prompt is a
     run of one adapter's tokens, computed on its rows in place (cpu_lora's runs, RUN_MIN_TOKENS 128), the decode by
     segment. Each prompt's next-token log-probs must match the same prompt prefilled alone far more closely
-    than the adapters change the model. That the two shared a step is read from vLLM's histogram of tokens per step
-    (alone, a step holds at most 201 tokens; together over 256), not assumed."""
+    than the adapters change the model. The prompts are held in the paused engine and released together; that they
+    shared a step is then read from vLLM's histogram of tokens per step (alone, a step holds at most 201 tokens;
+    together over 256), not assumed."""
     from transformers import AutoTokenizer
 
     url, base = vllm_engine.spec.url, "smollm2-135m-instruct"
@@ -644,17 +667,14 @@ def test_prompts_of_two_adapters_prefilled_together_keep_their_own_adapters(vllm
         companion = pool.submit(decode_stream, url, names[2], "List three ports:", decoding, stop)
         try:
             assert decoding.wait(COMPANION_FIRST_TOKEN_S), "the decoding companion got no token"
-            for _ in range(3 * PROBE_ROUNDS):
-                before = steps_over(url, 256)
-                together = dict(zip(ids, pool.map(lambda n: [salted_logprobs(url, n, ids[n])], ids), strict=True))
-                if steps_over(url, 256) > before:
-                    break
-            else:
-                # vLLM's scheduling, not the runs path: a fresh clone saw none in 3 tries. Skipped, never passed.
-                pytest.skip(f"the two prompts never shared a step in {3 * PROBE_ROUNDS} tries: nothing to compare")
+            before = steps_over(url, 256)
+            calls = [lambda n=n: [salted_logprobs(url, n, ids[n])] for n in ids]
+            together = dict(zip(ids, held_then_released(url, pool, calls), strict=True))
+            shared = steps_over(url, 256) - before
         finally:
             stop.set()
         assert not companion.exception()
+    assert shared >= 1, f"the two prompts, held {HOLD_S} s and released together, went in separate steps"
     drift = max(distance(together[n], alone[n]) for n in ids)
     print(f"\nprompts prefilled together vs alone: drift {drift:.4f} nats; adapter effects {effects}")
     assert drift < min(effects) / 10, (
