@@ -504,7 +504,7 @@ def probes_beside(url: str, base: str, prefixes: list[list[int]], companions: li
     streams: dict[int, Future] = {}  # companion index -> its decoding stream
     with ThreadPoolExecutor(len(companions) * COMPANION_TRIES * PROBE_ROUNDS + len(prefixes)) as pool:
         try:
-            for _ in range(3 * PROBE_ROUNDS):
+            for _ in range(PROBE_ROUNDS):
                 for i, model in enumerate(companions):
                     if i not in streams or streams[i].done():
                         streams[i] = start_companion(pool, url, model, prompt, stop, log_path)
