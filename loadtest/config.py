@@ -81,10 +81,16 @@ class Load(Strict):
     rate: float | None = Field(None, gt=0, description="open loop: offered requests per second")
     burstiness: float = Field(1.0, gt=0, description="gamma shape of inter-arrival gaps: 1 Poisson, <1 burstier")
     concurrency: int | None = Field(None, ge=1, description="closed loop: requests kept in flight")
-    duration_s: float | None = Field(None, gt=0)
+    duration_s: float | None = Field(None, gt=0, description="per step, measured after the ramp-up")
     num_requests: int | None = Field(None, ge=1)
     sweep: list[float] | None = Field(None, description="rates (open) or concurrencies (closed), ascending")
     min_gain: float = Field(0.05, ge=0, description="sweep stops when output tok/s grows less than this fraction")
+    ramp_up_s: float = Field(
+        0.0,
+        ge=0,
+        description="closed loop: workers start one by one over this many seconds (locust's spawn rate), so their "
+        "requests do not run in lockstep; both modes: what is sent before it ends is left out of the figures",
+    )
     warmup_requests: int = Field(4, ge=0, description="per target, at least one per model; excluded from figures")
     max_tokens: int = Field(64, ge=1)
     force_output_len: bool = Field(False, description="send ignore_eos + min_tokens=max_tokens (vLLM extensions)")
@@ -94,6 +100,8 @@ class Load(Strict):
     def _consistent(self) -> Load:
         if (self.duration_s is None) == (self.num_requests is None):
             raise ValueError("give exactly one of duration_s or num_requests")
+        if self.ramp_up_s and self.duration_s is None:
+            raise ValueError("ramp_up_s needs duration_s: the step runs ramp_up_s + duration_s seconds")
         knob = "rate" if self.mode == "open" else "concurrency"
         if self.sweep is not None:
             if not self.sweep or any(v <= 0 for v in self.sweep) or self.sweep != sorted(set(self.sweep)):

@@ -111,7 +111,7 @@ async def open_loop(send: Send, rate: float, burstiness: float, seed: int, load:
     try:
         for i, at in enumerate(arrival_times(rate, burstiness, seed)):
             if (load.num_requests is not None and i >= load.num_requests) or (
-                load.duration_s is not None and at > load.duration_s
+                load.duration_s is not None and at > load.ramp_up_s + load.duration_s
             ):
                 break
             delay = t0 + at - time.perf_counter()
@@ -130,18 +130,21 @@ async def open_loop(send: Send, rate: float, burstiness: float, seed: int, load:
 async def closed_loop(send: Send, concurrency: int, load: Load, t0: float) -> None:
     issued = 0
 
-    async def worker() -> None:
+    async def worker(k: int) -> None:
         nonlocal issued
+        # Staggered starts: requests of one length started together stay in lockstep, every one of them waiting
+        # for the whole batch's prefill (a herd no real traffic makes); spread out, they keep their phases.
+        await asyncio.sleep(load.ramp_up_s * k / concurrency)
         while True:
             now = time.perf_counter() - t0
             if load.num_requests is not None and issued >= load.num_requests:
                 return
-            if load.duration_s is not None and now >= load.duration_s:
+            if load.duration_s is not None and now >= load.ramp_up_s + load.duration_s:
                 return
             issued += 1
             await send(now)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
 
 
 async def warmup(tl: TargetLoad, n: int, progress: bool) -> dict[str, Any]:
@@ -206,7 +209,7 @@ async def run_step(tl: TargetLoad, index: int, load_value: float, steps: list[di
         raise
     finally:
         bar.close()
-        summary = summarize_step(records, time.perf_counter() - t0)
+        summary = summarize_step(records, time.perf_counter() - t0, since=load.ramp_up_s)
         summary.update(index=index, load=load_value, mode=load.mode, interrupted=interrupted)
         summary["slo"] = check_slo(summary, cfg.slo)
         summary["records"] = [r.to_json() for r in records]

@@ -24,19 +24,40 @@ def dist(values: Sequence[float]) -> dict[str, float | None]:
     return out
 
 
-def summarize(records: Sequence[RequestRecord], duration_s: float) -> dict[str, Any]:
-    """Throughput and latency figures of a set of requests that ran over `duration_s` seconds."""
+def tokens_after(r: RequestRecord, since: float) -> int:
+    """The output tokens of a request streamed at or after `since` (seconds from the step's start).
+
+    Token times are the text chunks' arrival times (first chunk at TTFT, then the ITL gaps); the usage count is
+    spread evenly over them, which is exact for a server that streams a token per chunk (vLLM does)."""
+    if r.ttft is None or not r.output_tokens:
+        return 0
+    first = r.sent + r.ttft
+    if first >= since:
+        return r.output_tokens
+    times = first + np.cumsum([0.0, *r.itl])
+    return round(r.output_tokens * float(np.mean(times >= since)))
+
+
+def summarize(records: Sequence[RequestRecord], duration_s: float, since: float = 0.0) -> dict[str, Any]:
+    """Throughput and latency figures of a set of requests that ran over `duration_s` seconds.
+
+    `since` > 0 (a ramp-up): the figures cover the window from `since` to the end; latencies and request counts
+    are those of the requests sent in it, throughput counts every token streamed in it (the ramp's requests
+    included), over the window's length."""
+    ramp = [r for r in records if r.scheduled < since]
+    records = [r for r in records if r.scheduled >= since]
     ok = [r for r in records if r.ok]
-    out_tok = sum(r.output_tokens for r in ok)
+    out_tok = sum(tokens_after(r, since) for r in ok + [r for r in ramp if r.ok])
     in_tok = sum(r.prompt_tokens for r in ok)
-    dur = max(duration_s, 1e-9)
+    dur = max(duration_s - since, 1e-9)
     with_ttft = [r for r in ok if r.ttft is not None]
     return {
         "requests": len(records),
         "ok": len(ok),
         "errors": len(records) - len(ok),
         "error_rate": (len(records) - len(ok)) / len(records) if records else 0.0,
-        "duration_s": duration_s,
+        "duration_s": duration_s - since,
+        "ramp_up_s": since,
         "req_per_s": len(ok) / dur,
         "input_tokens": in_tok,
         "output_tokens": out_tok,
@@ -63,11 +84,11 @@ def _error_kinds(records: Sequence[RequestRecord]) -> dict[str, int]:
     return kinds
 
 
-def summarize_step(records: Sequence[RequestRecord], duration_s: float) -> dict[str, Any]:
-    """The whole step, plus the same figures per model (adapter) of the mix."""
-    out = summarize(records, duration_s)
+def summarize_step(records: Sequence[RequestRecord], duration_s: float, since: float = 0.0) -> dict[str, Any]:
+    """The whole step (from `since`: see summarize), plus the same figures per model (adapter) of the mix."""
+    out = summarize(records, duration_s, since)
     models = sorted({r.model for r in records})
-    out["per_model"] = {m: summarize([r for r in records if r.model == m], duration_s) for m in models}
+    out["per_model"] = {m: summarize([r for r in records if r.model == m], duration_s, since) for m in models}
     return out
 
 

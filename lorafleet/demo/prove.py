@@ -47,7 +47,8 @@ class ProveFile(Strict):
     recipe: dict = Field(default_factory=dict, description="overrides on train/configs/recipe.yaml")
     curve_sizes: list[int] | None = Field(None, description="smaller training sets; default 50, 100, ... <= half")
     load_sweep: list[int] = Field(default_factory=lambda: [4, 16], min_length=1)
-    load_seconds: float = Field(20.0, gt=0)
+    load_seconds: float = Field(30.0, gt=0, description="each load step, measured after the ramp-up")
+    load_ramp_s: float = Field(15.0, ge=0, description="workers start one by one over this many seconds (unmeasured)")
     small: str = SMALL
     generalist: str = GENERALIST
     usd_per_hour: float = Field(0.10, gt=0)
@@ -79,6 +80,7 @@ def make_plan(path: Path) -> DemoPlan:
         usd_per_hour=spec.usd_per_hour,
         load_sweep=spec.load_sweep,
         load_seconds=spec.load_seconds,
+        load_ramp_s=spec.load_ramp_s,
         curve_task=task_ref,
         curve_sizes=spec.curve_sizes if spec.curve_sizes is not None else curve_sizes(n_train),
         merged=False,

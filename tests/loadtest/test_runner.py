@@ -70,6 +70,23 @@ def test_duration_mode_stops_sending_after_the_duration(fake):
     assert max(r["scheduled"] for r in s["records"]) <= 1.0
 
 
+def test_closed_loop_ramp_up_staggers_the_workers_and_measures_after_it(fake):
+    fake.settings.ttft_s = 1.0  # each worker sends one request during the ramp, its next one after it
+    cfg = make_config(fake.base_url, {"mode": "closed", "concurrency": 4, "duration_s": 0.6, "ramp_up_s": 0.8})
+    (s,) = run(cfg).targets["t1"]["steps"]
+    ramp = sorted(r["scheduled"] for r in s["records"] if r["scheduled"] < 0.8)
+    assert ramp == pytest.approx([0.0, 0.2, 0.4, 0.6], abs=0.06)  # worker k starts at k * 0.8 / 4 s, not all at 0
+    window = [r for r in s["records"] if r["scheduled"] >= 0.8]
+    assert s["requests"] == s["ttft"]["n"] == len(window) > 0  # the ramp's requests are left out of the latencies
+    assert max(r["scheduled"] for r in s["records"]) < 0.8 + 0.6
+    assert s["ramp_up_s"] == 0.8 and s["duration_s"] >= 0.6
+
+
+def test_ramp_up_needs_a_duration():
+    with pytest.raises(Exception, match="ramp_up_s needs duration_s"):
+        make_config("http://x", {"mode": "closed", "concurrency": 2, "num_requests": 4, "ramp_up_s": 1})
+
+
 def test_mix_is_broken_down_per_adapter(fake):
     cfg = make_config(
         fake.base_url,

@@ -57,6 +57,27 @@ def test_summarize_step_counts_tokens_throughput_and_per_model():
     assert s["per_model"]["b"]["output_tok_per_s"] == 21 / 2
 
 
+def test_a_ramp_up_leaves_its_requests_out_but_counts_their_tokens_streamed_in_the_window():
+    # 11 tokens each, one per chunk: the first at sent + 0.1, then every 0.09 s (the last at sent + 1.0)
+    ramp = rec("a", scheduled=0.0, sent=0.0, ttft=5.0)  # chunks at 5.0, 5.09, ..., 5.9
+    straddles = rec("a", scheduled=1.0, sent=1.0, ttft=8.82)  # chunks at 9.82, 9.91, 10.0, ..., 10.72
+    inside = rec("b", scheduled=10.0, sent=10.5, ttft=0.3, tokens=21, prompt=40)
+    s = summarize_step([ramp, straddles, inside], duration_s=14.0, since=10.0)
+    assert s["duration_s"] == 4.0 and s["ramp_up_s"] == 10.0
+    assert (s["requests"], s["ok"]) == (1, 1)  # only the request sent in the window has latencies
+    assert s["ttft"]["n"] == 1 and s["ttft"]["p50"] == pytest.approx(0.3)
+    assert s["ttft_incl_queue"]["p50"] == pytest.approx(0.8)
+    assert s["output_tokens"] == 0 + 9 + 21  # the straddling request's 9 chunks from 10.0 on
+    assert s["output_tok_per_s"] == pytest.approx(30 / 4) and s["input_tok_per_s"] == 40 / 4
+    assert s["per_model"]["a"]["output_tokens"] == 9 and s["per_model"]["a"]["requests"] == 0
+
+
+def test_no_ramp_up_is_the_whole_step():
+    records = [rec("a", scheduled=0.0), rec("a", scheduled=3.0, sent=3.0)]
+    assert summarize_step(records, 5.0, since=0.0) == summarize_step(records, 5.0)
+    assert summarize_step(records, 5.0)["output_tokens"] == 22
+
+
 def test_queue_delay_counts_in_the_slo_figures():
     # The server answered in 0.1 s, but the client sent 2 s late: a user waited 2.1 s for the first token.
     s = summarize_step([rec(ttft=0.1, scheduled=0.0, sent=2.0)] * 10, duration_s=3.0)
