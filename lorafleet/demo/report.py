@@ -185,8 +185,9 @@ def _accuracy_table(acc: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def _cost_table(results: dict, usd_per_hour: float) -> tuple[list[str], list[list[str]]]:
-    headers = ["target", "load (concurrency)", "SLO met", "output tok/s", "TTFT p50", "TTFT p90", "e2e p50",
-               "$/1M input", "$/1M output", "$/1M blended"]  # fmt: skip
+    # prompt tokens per request: targets fed other tasks' prompts (the mix of adapters) do not compare like for like
+    headers = ["target", "load (concurrency)", "SLO met", "output tok/s", "prompt tokens/req", "TTFT p50", "TTFT p90",
+               "e2e p50", "$/1M input", "$/1M output", "$/1M blended"]  # fmt: skip
     rows = []
     for name in results["targets"]:
         cost, step = _cost(results, name), _operating(results, name)
@@ -196,6 +197,7 @@ def _cost_table(results: dict, usd_per_hour: float) -> tuple[list[str], list[lis
                 f"{cost.get('operating_load', '-')}",
                 str(cost.get("slo_met", "-")),
                 "-" if not step else f"{step['output_tok_per_s']:.0f}",
+                "-" if not step or not step.get("ok") else f"{step['input_tokens'] / step['ok']:.0f}",
                 _s(step and step["ttft"]["p50"]),
                 _s(step and step["ttft"]["p90"]),
                 _s(step and step["e2e"]["p50"]),

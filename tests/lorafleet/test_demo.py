@@ -73,7 +73,8 @@ def _results(lora_acc: float, gen_acc: float, lora_cost: float, gen_cost: float)
             {"target": "specialists-lora", "model": task, "task": task, "mode": "zero_shot", "accuracy": lora_acc},
             {"target": "generalist", "model": "g", "task": task, "mode": "few_shot_completion", "accuracy": gen_acc},
         ]
-    step = {"index": 0, "output_tok_per_s": 100.0, "ttft": {"p50": 0.5, "p90": 1.0}, "e2e": {"p50": 2.0}}
+    step = {"index": 0, "output_tok_per_s": 100.0, "ttft": {"p50": 0.5, "p90": 1.0}, "e2e": {"p50": 2.0}, "ok": 10,
+            "input_tokens": 2_260}  # fmt: skip
 
     def target(cost):
         return {"steps": [step], "cost": {"usd_per_1m_output": cost, "operating_step": 0, "slo_met": True}}
@@ -122,6 +123,7 @@ def test_report_files_written(tmp_path):
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     md = (tmp_path / "report.md").read_text()
     assert "## Claims" in md and "+40 pts" in md
+    assert "| prompt tokens/req |" in md and "| 100 | 226 |" in md  # beside output tok/s: mixes differ in prompts
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
 
 
