@@ -112,6 +112,11 @@ class Load(Strict):
             raise ValueError(f"mode {self.mode!r} needs `{knob}` (or a `sweep` of {knob}s)")
         return self
 
+    @property
+    def end_s(self) -> float | None:
+        """When a step stops sending, in seconds from its start (None: it stops after num_requests)."""
+        return None if self.duration_s is None else self.ramp_up_s + self.duration_s
+
     def steps(self) -> list[float]:
         """The offered load of each step: req/s (open loop) or concurrency (closed loop)."""
         if self.sweep is not None:

@@ -111,7 +111,7 @@ async def open_loop(send: Send, rate: float, burstiness: float, seed: int, load:
     try:
         for i, at in enumerate(arrival_times(rate, burstiness, seed)):
             if (load.num_requests is not None and i >= load.num_requests) or (
-                load.duration_s is not None and at > load.ramp_up_s + load.duration_s
+                load.end_s is not None and at > load.end_s
             ):
                 break
             delay = t0 + at - time.perf_counter()
@@ -139,7 +139,7 @@ async def closed_loop(send: Send, concurrency: int, load: Load, t0: float) -> No
             now = time.perf_counter() - t0
             if load.num_requests is not None and issued >= load.num_requests:
                 return
-            if load.duration_s is not None and now >= load.ramp_up_s + load.duration_s:
+            if load.end_s is not None and now >= load.end_s:
                 return
             issued += 1
             await send(now)

@@ -44,10 +44,9 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, since: float 
     `since` > 0 (a ramp-up): the figures cover the window from `since` to the end; latencies and request counts
     are those of the requests sent in it, throughput counts every token streamed in it (the ramp's requests
     included), over the window's length."""
-    ramp = [r for r in records if r.scheduled < since]
+    out_tok = sum(tokens_after(r, since) for r in records if r.ok)  # the ramp's requests stream into the window too
     records = [r for r in records if r.scheduled >= since]
     ok = [r for r in records if r.ok]
-    out_tok = sum(tokens_after(r, since) for r in ok + [r for r in ramp if r.ok])
     in_tok = sum(r.prompt_tokens for r in ok)
     dur = max(duration_s - since, 1e-9)
     with_ttft = [r for r in ok if r.ttft is not None]
