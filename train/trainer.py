@@ -251,7 +251,7 @@ class Run:
         if best is None or self._rank(row) > self._rank(best):
             state.best_step, state.best_predictions, state.since_best = state.step, s.predictions, 0
             self.best = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        elif state.step >= self.keep_from and not self.validator.diagnose(state.best_predictions).warnings:
+        elif state.step >= self.keep_from and not self.validator.diagnose(state.best_predictions).collapsed:
             state.since_best += 1
         # else: the best so far answers (nearly) one thing for every input. A model leaving the majority answer
         # often scores lower first (measured on examples/expenses: 62.5 % collapsed, then 42.5 %, 52.5 %), so

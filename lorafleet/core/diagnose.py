@@ -6,8 +6,9 @@ and a plain warning when a model's predictions collapse onto one answer.
     print(d.text())
 
 A JSON answer is split into its top-level fields (a list field counts as a set, and each of its items gets recall
-and precision); any other answer is one field, `answer`. A field is categorical, and gets a confusion table and a
-collapse check, when its references take at most MAX_CLASSES values. The same code serves the training report
+and precision); any other answer is one field, `answer`. A field is categorical, and gets a confusion table, when its
+references take at most MAX_CLASSES values. Every field gets the collapse check, and a list field's common items a
+check that the model predicts them at all ("flags: never predicts `over_limit`; 21% of references have it"). The same code serves the training report
 (train.trainer) and the proof report (lorafleet.demo), so both say the same thing about the same predictions.
 """
 
@@ -23,6 +24,7 @@ from lorafleet.core.scorers import parse_json
 MAX_CLASSES = 12  # more distinct reference values than this: a free-text field, no confusion table
 COLLAPSE_SHARE = 0.95  # one prediction value this common, where the references are not: collapsed
 MIN_N = 10  # below this many answers a share says nothing
+ITEM_SHARE = 0.1  # a list item in this share of the references, never predicted: the model has not learned it
 NOT_JSON = "<not JSON>"
 MISSING = "<missing>"
 
@@ -67,7 +69,8 @@ class Diagnosis:
     majority_answer: str
     majority_share: float  # the majority baseline: always answering the most common reference
     fields: list[FieldReport]
-    warnings: list[str]
+    warnings: list[str]  # collapses first, then common list items never predicted
+    collapsed: bool = False  # the whole answer or a field answers (nearly) one thing for every input
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -100,17 +103,21 @@ def diagnose(predictions: list[str], references: list[str]) -> Diagnosis:
     ref_fields = [fields_of(r) for r in references]
     pred_fields = [_prediction_fields(p, r) for p, r in zip(predictions, ref_fields, strict=True)]
     names = list(dict.fromkeys(k for f in ref_fields for k in f))
-    reports = [_field(name, [p.get(name, MISSING) for p in pred_fields], [r.get(name, MISSING) for r in ref_fields])
-               for name in names]  # fmt: skip
+    reports, collapses, missed = [], [], []
+    for name in names:
+        preds, refs = [p.get(name, MISSING) for p in pred_fields], [r.get(name, MISSING) for r in ref_fields]
+        reports.append(_field(name, preds, refs))
+        if w := _collapse(name, preds, refs):
+            collapses.append(w)
+        else:  # a collapsed field's missing items go without saying
+            missed += _never_predicted(name, preds, refs)
     whole_refs = [json.dumps(r, sort_keys=True) for r in ref_fields]
     whole_preds = [json.dumps(p, sort_keys=True) for p in pred_fields]
     answer, share = Counter(references).most_common(1)[0]
-    warnings = [w for f in reports if (w := _collapse(f.name, [p.get(f.name, MISSING) for p in pred_fields],
-                                                      [r.get(f.name, MISSING) for r in ref_fields]))]  # fmt: skip
     raw = dict(zip(whole_refs, references, strict=True)) | dict(zip(whole_preds, predictions, strict=True))
     if len(names) > 1 and (w := _collapse("", whole_preds, whole_refs, raw)):
-        warnings.insert(0, w)
-    return Diagnosis(len(references), answer, share / len(references), reports, warnings)
+        collapses.insert(0, w)
+    return Diagnosis(len(references), answer, share / len(references), reports, collapses + missed, bool(collapses))
 
 
 def _prediction_fields(prediction: str, reference: dict[str, str]) -> dict[str, str]:
@@ -144,7 +151,7 @@ def _collapse(name: str, preds: list[str], refs: list[str], display: dict[str, s
     """ "predicts `X` for 100 % of inputs; 26 % of references are `Y`" when one prediction dominates and the
     references do not; None otherwise."""
     n = len(refs)
-    if n < MIN_N or (name and len(set(refs)) > MAX_CLASSES):
+    if n < MIN_N:
         return None
     top, count = Counter(preds).most_common(1)[0]
     if count / n < COLLAPSE_SHARE or refs.count(top) / n >= COLLAPSE_SHARE:
@@ -155,3 +162,15 @@ def _collapse(name: str, preds: list[str], refs: list[str], display: dict[str, s
     where = f"{name}: " if name not in ("", "answer") else ""
     return (f"{where}predicts `{_short(show.get(top, top), 60)}` for {count / n:.0%} of inputs; {o_count / n:.0%} "
             f"of references are `{_short(show.get(other, other), 60)}`")  # fmt: skip
+
+
+def _never_predicted(name: str, preds: list[str], refs: list[str]) -> list[str]:
+    """The common items of a list field that the model never predicts: a collapse inside the set that the field's
+    own check misses while the other items are right (on examples/expenses, over_limit: 0 of 42 references)."""
+    n = len(refs)
+    ref_items, pred_items = [_items(r) for r in refs], set().union(*(_items(p) for p in preds))
+    support = Counter(item for r in ref_items for item in r)
+    where = f"{name}: " if name != "answer" else ""
+    return [f"{where}never predicts `{_short(item, 60)}`; {count / n:.0%} of references have it"
+            for item, count in sorted(support.items()) if n >= MIN_N and count / n >= ITEM_SHARE
+            and item not in pred_items]  # fmt: skip

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lorafleet.core.diagnose import diagnose, fields_of
+from lorafleet.core.diagnose import MAX_CLASSES, diagnose, fields_of
 
 
 def verdict(v: str, flags: list[str]) -> str:
@@ -77,3 +77,25 @@ def test_answers_that_are_lists_of_lists_or_objects_are_diagnosed_not_crashed_on
     assert items[json.dumps(["ibuprofen", "3 mg"])] == {"support": 1, "recall": 0.0, "precision": 0.0}
     objects = [json.dumps([{"drug": "aspirin"}])] * 12
     assert diagnose(objects, objects).fields[0].accuracy == 1.0
+
+
+def test_a_list_field_with_many_distinct_sets_still_warns_when_it_collapses():
+    """n=200 of examples/expenses: 13+ distinct flag sets; a model answering `[]` every time went unnamed."""
+    flags = ["a", "b", "c", "d", "e", "f"]  # 15 pairs and `[]`: more than MAX_CLASSES
+    refs = [verdict("approve", [])] * 70 + [verdict("reject", [x, y]) for x in flags for y in flags if x < y] * 2
+    d = diagnose([verdict("approve", [])] * 100, refs)
+    assert len(set(refs)) > MAX_CLASSES
+    assert any(w.startswith("flags: predicts `[]` for 100% of inputs") for w in d.warnings)
+    assert not any("never predicts" in w for w in d.warnings)  # the field's collapse already says it
+    assert d.collapsed
+
+
+def test_a_common_item_the_model_never_predicts_is_named_when_the_others_are_right():
+    refs = [verdict("reject", ["over_limit"])] * 21 + [verdict("reject", ["late"])] * 30 + [APPROVE] * 44
+    refs += [verdict("reject", ["alcohol"])] * 5  # 5 %: too rare to name
+    preds = [APPROVE] * 21 + [verdict("reject", ["late"])] * 30 + [APPROVE] * 49
+    d = diagnose(preds, refs)
+    assert d.warnings == ["flags: never predicts `over_limit`; 21% of references have it"]
+    assert not d.collapsed  # named, but not a collapse: the trainer's patience counts as usual
+    once = preds[:20] + [verdict("reject", ["over_limit"])] + preds[21:]  # predicted once: learned a little
+    assert diagnose(once, refs).warnings == []
