@@ -8,8 +8,9 @@ and a plain warning when a model's predictions collapse onto one answer.
 A JSON answer is split into its top-level fields (a list field counts as a set, and each of its items gets recall
 and precision); any other answer is one field, `answer`. A field is categorical, and gets a confusion table, when its
 references take at most MAX_CLASSES values. Every field gets the collapse check, and a list field's common items a
-check that the model predicts them at all ("flags: never predicts `over_limit`; 21% of references have it"). The same code serves the training report
-(train.trainer) and the proof report (lorafleet.demo), so both say the same thing about the same predictions.
+check that the model predicts them at all ("flags: never predicts `over_limit`; 21% of references have it").
+The same code serves the training report (train.trainer) and the proof report (lorafleet.demo), so both say the
+same thing about the same predictions.
 """
 
 from __future__ import annotations
