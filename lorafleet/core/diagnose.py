@@ -111,7 +111,7 @@ def diagnose(predictions: list[str], references: list[str]) -> Diagnosis:
         if w := _collapse(name, preds, refs):
             collapses.append(w)
         else:  # a collapsed field's missing items go without saying
-            missed += _never_predicted(name, preds, refs)
+            missed += _never_predicted(reports[-1], preds, len(refs))
     whole_refs = [json.dumps(r, sort_keys=True) for r in ref_fields]
     whole_preds = [json.dumps(p, sort_keys=True) for p in pred_fields]
     answer, share = Counter(references).most_common(1)[0]
@@ -165,13 +165,12 @@ def _collapse(name: str, preds: list[str], refs: list[str], display: dict[str, s
             f"of references are `{_short(show.get(other, other), 60)}`")  # fmt: skip
 
 
-def _never_predicted(name: str, preds: list[str], refs: list[str]) -> list[str]:
+def _never_predicted(field: FieldReport, preds: list[str], n: int) -> list[str]:
     """The common items of a list field that the model never predicts: a collapse inside the set that the field's
     own check misses while the other items are right (on examples/expenses, over_limit: 0 of 42 references)."""
-    n = len(refs)
-    ref_items, pred_items = [_items(r) for r in refs], set().union(*(_items(p) for p in preds))
-    support = Counter(item for r in ref_items for item in r)
-    where = f"{name}: " if name != "answer" else ""
-    return [f"{where}never predicts `{_short(item, 60)}`; {count / n:.0%} of references have it"
-            for item, count in sorted(support.items()) if n >= MIN_N and count / n >= ITEM_SHARE
-            and item not in pred_items]  # fmt: skip
+    if n < MIN_N:
+        return []
+    predicted = set().union(*(_items(p) for p in preds))
+    where = f"{field.name}: " if field.name != "answer" else ""
+    return [f"{where}never predicts `{_short(item, 60)}`; {s['support'] / n:.0%} of references have it"
+            for item, s in field.items.items() if s["support"] / n >= ITEM_SHARE and item not in predicted]  # fmt: skip
