@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,9 @@ import yaml
 from lorafleet.core.paths import data_dir
 from serve.config import ServeConfig, load_config
 from serve.engines.deploy import adapters_root
-from serve.gateway.finetune import fine_tuned_name
+from serve.gateway.finetune import alias_refusal, fine_tuned_name
 from serve.store.schema import JobRow
-from serve.store.store import Store, StoreUnavailable
+from serve.store.store import Store, StoreError, StoreUnavailable
 from train.config import CONFIGS_DIR
 
 HEARTBEAT_S = 1.0
@@ -51,18 +52,18 @@ class JobFailed(Exception):
         self.error = {"code": code, "message": message, "param": param}
 
 
-def train_config(job: JobRow, store: Store, cfg: ServeConfig, out: Path) -> dict[str, Any]:
+def train_config(job: JobRow, paths: dict[str, str], cfg: ServeConfig, out: Path) -> dict[str, Any]:
     """The default recipe with the job's hyperparameters: a number is used as given; "auto" for n_epochs means
     train.auto's search (epochs and rank/layers, and the learning rate too when it is "auto" as well)."""
     recipe = yaml.safe_load((CONFIGS_DIR / "recipe.yaml").read_text())
     h = job.hyperparameters or {}
     values: dict[str, Any] = {**recipe, "base_model": cfg.engine_for(job.model).model, "seed": job.seed,
-                              "data": store.file(job.training_file, job.tenant).path, "output_dir": str(out),
+                              "data": paths["training_file"], "output_dir": str(out),
                               "name": job.id, "progress": False, "eval_every": 0}  # fmt: skip
     values.pop("n", None)
     values.pop("eval_n", None)
     if job.validation_file:
-        values["eval_data"] = store.file(job.validation_file, job.tenant).path
+        values["eval_data"] = paths["validation_file"]
     if h.get("n_epochs", "auto") != "auto":
         values["epochs"] = h["n_epochs"]
     else:  # epochs from the data size and the score on held-out lines, after a budgeted search (train.auto)
@@ -95,17 +96,23 @@ class Worker:
         self.stop = threading.Event()
 
     def run_forever(self) -> None:
+        """Claim and run jobs until stopped. Nothing one job holds (a deleted file, a crafted scorer) may end the
+        loop: that job fails, the next is claimed (tests/serve/test_attacks.py)."""
         while not self.stop.is_set():
             try:
                 job = self.next_job()
+                if job is not None:
+                    self.run(job)
             except StoreUnavailable as e:  # the database restarts: wait for it, as the gateway does
                 print(f"lorafleet worker {self.name}: {e}; retrying in {STORE_RETRY_S:g} s", flush=True)
                 self.stop.wait(STORE_RETRY_S)
                 continue
-            if job is None:
+            except Exception:
+                traceback.print_exc()
                 self.stop.wait(self.poll_s)
                 continue
-            self.run(job)
+            if job is None:
+                self.stop.wait(self.poll_s)
 
     def next_job(self) -> JobRow | None:
         self.reap()
@@ -138,16 +145,25 @@ class Worker:
 
         try:
             warnings = self.check_files(job)
-        except UserError as e:
+        except (UserError, JobFailed) as e:
             message, param = self.in_tenant_terms(job, str(e))
             err = {"code": f"invalid_{param}", "message": message, "param": param}
-            if self.store.advance_job(job.id, "validating_files", "failed", error=err):
-                self.store.event(job.id, f"Fine-tuning job failed: {message}", level="error")
+            self.fail_validation(job, err)
+            return
+        except Exception:  # our bug, or input crafted to break a reader: this job fails, the worker goes on
+            traceback.print_exc()
+            err = {"code": "invalid_training_file", "param": "training_file",
+                   "message": "the files could not be read; check that they are JSONL of the documented formats"}  # fmt: skip
+            self.fail_validation(job, err)
             return
         if self.store.advance_job(job.id, "validating_files", "queued"):
             for w in warnings:
                 self.store.event(job.id, f"Data check: {w}", level="warn")
             self.store.event(job.id, "Validated files; the job is queued")
+
+    def fail_validation(self, job: JobRow, err: dict) -> None:
+        if self.store.advance_job(job.id, "validating_files", "failed", error=err):
+            self.store.event(job.id, f"Fine-tuning job failed: {err['message']}", level="error")
 
     def in_tenant_terms(self, job: JobRow, message: str) -> tuple[str, str]:
         """A data error as the tenant knows its files: by file id and line, not by paths on this machine; and
@@ -158,24 +174,34 @@ class Worker:
         message, param = "\n".join(lines), "training_file"
         for field in ("validation_file", "training_file"):
             fid = getattr(job, field)
-            path = self.store.file(fid, job.tenant).path if fid else None
-            if path and path in message:
-                message, param = message.replace(path, fid), field
-        return message, param
+            row = self.store.file(fid, job.tenant) if fid else None
+            if row is not None and row.path in message:
+                message, param = message.replace(row.path, fid), field
+            elif fid and fid in message:
+                param = field
+        return message.replace(str(data_dir()), "<data>"), param
+
+    def path(self, job: JobRow, field: str) -> str:
+        """Where a job's file is on this machine; a file deleted meanwhile fails the job, naming it."""
+        fid = getattr(job, field)
+        row = self.store.file(fid, job.tenant)
+        if row is None or not Path(row.path).is_file():
+            raise JobFailed(f"invalid_{field}", f"{field}: file {fid} no longer exists", field)
+        return row.path
 
     def check_files(self, job: JobRow) -> list[str]:
         from train.tasks.files import load_task, read_lines
 
         if job.validation_file is None:
-            read_lines(Path(self.store.file(job.training_file, job.tenant).path))
+            read_lines(Path(self.path(job, "training_file")))
             return []
         with tempfile.TemporaryDirectory() as tmp:
             return load_task(self.task_file(job, Path(tmp)), allow_overlap=True).report.warnings
 
     def task_file(self, job: JobRow, folder: Path, checks: dict | None = None) -> Path:
         """The job's files as a task file: its train split, its validation file as the eval split, its scorer."""
-        spec = {"name": job.id, "train": self.store.file(job.training_file, job.tenant).path,
-                "eval": self.store.file(job.validation_file, job.tenant).path, "scorer": job.extra.get("scorer", "exact"),
+        spec = {"name": job.id, "train": self.path(job, "training_file"),
+                "eval": self.path(job, "validation_file"), "scorer": job.extra.get("scorer", "exact"),
                 "few_shot_k": 0} | ({"checks": checks} if checks else {})  # fmt: skip
         (folder / "task.yaml").write_text(yaml.safe_dump(spec))
         return folder / "task.yaml"
@@ -193,8 +219,10 @@ class Worker:
         except JobFailed as e:
             self.store.update_job(job.id, status="failed", error=e.error)
             self.store.event(job.id, f"Fine-tuning job failed: {e}", level="error")
-        except Exception as e:  # anything else is our bug, still reported on the job, never left running
-            err = {"code": "internal_error", "message": f"{type(e).__name__}: {e}", "param": None}
+        except Exception:  # anything else is our bug, still reported on the job (no traceback), never left running
+            traceback.print_exc()
+            msg = "an internal error stopped this job; the operator's worker log has the details"
+            err = {"code": "internal_error", "message": msg, "param": None}
             self.store.update_job(job.id, status="failed", error=err)
             self.store.event(job.id, f"Fine-tuning job failed: {err['message']}", level="error")
 
@@ -206,7 +234,8 @@ class Worker:
         self.store.clear_checkpoints(job.id)
         out.mkdir(parents=True)
         spec = out.parent / f"{job.id}.train.json"
-        spec.write_text(json.dumps(train_config(job, self.store, self.cfg, out)))
+        paths = {f: self.path(job, f) for f in ("training_file", "validation_file") if getattr(job, f)}
+        spec.write_text(json.dumps(train_config(job, paths, self.cfg, out)))
         cmd = [sys.executable, "-m", "lorafleet.worker", "_train", str(spec)]
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -222,8 +251,15 @@ class Worker:
             time.sleep(HEARTBEAT_S)
         reader.join(timeout=5)
         if proc.returncode != 0:
-            tail = " | ".join(line for line in lines[-6:] if line.strip())
-            raise JobFailed("training_failed", f"the trainer exited with code {proc.returncode}: {tail}")
+            # The tenant is told what it can act on (the trainer's own error), never a traceback or our paths.
+            print(f"lorafleet worker {self.name}: job {job.id}: " + "\n".join(lines[-20:]), flush=True)
+            said = [line.removeprefix("@error ") for line in lines if line.startswith("@error ")]
+            reason = (
+                self.in_tenant_terms(job, said[-1])[0]
+                if said
+                else f"the trainer stopped (exit code {proc.returncode})"
+            )
+            raise JobFailed("training_failed", f"training failed: {reason}")
         return json.loads((out / "lorafleet_train.json").read_text())
 
     def _read(self, job: JobRow, proc: subprocess.Popen, lines: list[str]) -> None:
@@ -232,7 +268,8 @@ class Worker:
             lines.append(line.rstrip())
             if line.startswith(("auto: ", "WARNING: ")):  # the search's choices and the trainer's advice
                 warn = line.startswith("WARNING: ")
-                self.store.event(job.id, line.strip().removeprefix("WARNING: "), level="warn" if warn else "info")
+                said = self.in_tenant_terms(job, line.strip().removeprefix("WARNING: "))[0]
+                self.store.event(job.id, said, level="warn" if warn else "info")
             if not line.startswith("@step "):
                 continue
             step = json.loads(line[6:])
@@ -299,7 +336,15 @@ class Worker:
             self.store.event(job.id, f"Not promoted to {gate['alias']!r}: no validation file to judge it on",
                              level="warn")  # fmt: skip
         elif gain >= gate["min_gain"]:
-            self.store.set_alias(gate["alias"], [{"version": version, "weight": 1.0}], [job.tenant])
+            try:  # checked at creation, and again here: the alias may have been taken since
+                refusal = alias_refusal(self.store, self.cfg, gate["alias"], job.tenant)
+                if refusal:
+                    raise StoreError(refusal)
+                target = [{"version": version, "weight": 1.0}]
+                self.store.set_alias(gate["alias"], target, [job.tenant], owner=job.tenant)
+            except StoreError as e:
+                self.store.event(job.id, f"Not promoted to {gate['alias']!r}: {e}", level="warn")
+                return
             self.store.grant(gate["alias"], [job.tenant])
             self.store.event(job.id, f"Promoted: alias {gate['alias']!r} now serves this model (gain {gain:+.1%} >= "
                              f"{gate['min_gain']:+.1%})")  # fmt: skip
@@ -310,13 +355,18 @@ class Worker:
 
 def _train_child(spec: Path) -> int:
     """The child process: one training run, each step reported as an `@step {json}` line."""
+    from lorafleet.core.errors import UserError
     from train.auto import run
     from train.config import load_config as load_train_config
 
-    cfg = load_train_config(None, json.loads(spec.read_text()))
-    out = Path(cfg.output_dir)
-    run(cfg, log=lambda m: print(m, flush=True), on_step=lambda s: print("@step " + json.dumps(s), flush=True),
-          epoch_dir=lambda step: out.with_name(f"{out.name}.ckpt-step-{step}"))  # fmt: skip
+    try:
+        cfg = load_train_config(None, json.loads(spec.read_text()))
+        out = Path(cfg.output_dir)
+        run(cfg, log=lambda m: print(m, flush=True), on_step=lambda s: print("@step " + json.dumps(s), flush=True),
+            epoch_dir=lambda step: out.with_name(f"{out.name}.ckpt-step-{step}"))  # fmt: skip
+    except UserError as e:  # what the tenant can fix: one line for the job's error (worker.train)
+        print("@error " + " ".join(str(e).split()), flush=True)
+        return 2
     return 0
 
 

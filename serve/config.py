@@ -196,6 +196,10 @@ class Limits(Strict):
     concurrency: int | None = Field(None, gt=0, description="requests in flight; none = unlimited")
     usd_per_day: float | None = Field(None, gt=0, description="$ budget per UTC day; none = unlimited")
     usd_per_month: float | None = Field(None, gt=0, description="$ budget per UTC calendar month; none = unlimited")
+    fine_tuning_jobs: int | None = Field(
+        4, gt=0, description="fine-tuning jobs not yet ended (validating, queued, running); more get 429"
+    )
+    storage_bytes: int | None = Field(1 << 30, gt=0, description="bytes of uploaded files kept; more get 429")
 
 
 class TenantConfig(Strict):

@@ -13,7 +13,14 @@ import math
 import re
 from typing import Any, ClassVar
 
+import regex
+
 from lorafleet.core.errors import UserError
+
+# A tenant's pattern runs on the tenant's texts: the `regex` engine stops a match that runs longer than this (and
+# releases the GIL while it runs), so a catastrophic pattern fails its job instead of freezing the process
+# (tests/lorafleet/test_core_scorers.py).
+REGEX_TIMEOUT_S = 1.0
 
 NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -184,15 +191,21 @@ class Regex(Scorer):
 
     def __init__(self, **options: Any):
         super().__init__(**options)
+        if not isinstance(self.opts["pattern"] or "", str):
+            raise ScorerError(f"scorer 'regex': pattern must be a string, got {type(self.opts['pattern']).__name__}")
         try:
-            self.rx = re.compile(self.opts["pattern"] or "", 0 if self.opts["case_sensitive"] else re.IGNORECASE)
-        except re.error as e:
-            raise ScorerError(f"scorer 'regex': pattern does not compile: {e}") from None
+            self.rx = regex.compile(self.opts["pattern"] or "", 0 if self.opts["case_sensitive"] else regex.IGNORECASE)
+        except (regex.error, RecursionError, OverflowError) as e:
+            raise ScorerError(f"scorer 'regex': pattern does not compile: {str(e)[:200]}") from None
         if not self.opts["pattern"] or self.rx.groups < self.opts["group"]:
             raise ScorerError(f"scorer 'regex' needs a pattern with at least {self.opts['group']} group(s)")
 
     def extract(self, text: str) -> str | None:
-        m = self.rx.search(text)
+        try:
+            m = self.rx.search(text, timeout=REGEX_TIMEOUT_S)
+        except TimeoutError:
+            raise ScorerError(f"scorer 'regex': pattern {self.opts['pattern'][:200]!r} ran over {REGEX_TIMEOUT_S:g} s on "
+                              "one answer (nested repeats backtrack without end); simplify it") from None  # fmt: skip
         if m is None:
             return None
         found = m.group(self.opts["group"])
@@ -308,6 +321,6 @@ def make_scorer(spec: str | dict) -> Scorer:
     """A scorer from its name, or from {"name": ..., **options}."""
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = spec.pop("name", None)
-    if name not in SCORERS:
+    if not isinstance(name, str) or name not in SCORERS:
         raise ScorerError(f"unknown scorer {name!r}; valid scorers: {', '.join(SCORERS)}")
     return SCORERS[name](**spec)

@@ -7,6 +7,7 @@ loaded into an engine on its first request. Each function takes only the parts o
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -205,11 +206,21 @@ async def create_version(
     v = await asyncio.to_thread(store.add_version, req.adapter, folder, req.base, req.owner, "admin")
     if v.id not in registry.models:
         registry.add_adapter(v.id, Path(v.path), v.base)
+    tenants.set_owner(v.id, v.owner)
     return version_object(v)
 
 
+ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,255}$")  # the store's column holds 256 characters
+
+
 async def point_alias(name: str, req: PointAlias, *, registry: Registry, tenants: TenantStore, store: Store) -> dict:
-    """Load the target versions, then move the alias (store first, so every gateway follows)."""
+    """Load the target versions, then move the alias (store first, so every gateway follows). `req.tenants` is
+    the alias's whole tenant list."""
+    if not ALIAS.match(name):
+        raise bad_request("name: an alias is letters, digits and . _ : @ / - (at most 256), starting with a letter or "
+                          "digit", param="name")  # fmt: skip
+    if name in registry.models:
+        raise bad_request(f"name: {name!r} is a model of this deployment, not an alias", param="name")
     unknown = sorted(set(req.tenants) - set(tenants.tenants))
     if unknown:
         raise bad_request(f"tenants: unknown {unknown}", param="tenants")
@@ -224,11 +235,18 @@ async def point_alias(name: str, req: PointAlias, *, registry: Registry, tenants
         if v.id not in registry.models:
             registry.add_adapter(v.id, Path(v.path), v.base)
     await registry.preload([v for v, _ in pairs])  # loaded before the alias moves: no window of errors
+    before = await asyncio.to_thread(store.alias, name)
     try:
         row = await asyncio.to_thread(store.set_alias, name, targets, req.tenants)  # the store first: every gateway
     except StoreError as e:
         raise bad_request(str(e), param="targets") from None
+    # `tenants` is the alias's whole list: a tenant left out loses it (a promoted alias taken back by the operator)
+    gone = sorted(set(before.tenants if before else []) - set(req.tenants))
+    if gone:
+        await asyncio.to_thread(store.revoke, name, gone)
+        tenants.revoke(name, gone)
     registry.set_alias(name, pairs, bases.pop())
+    tenants.set_owner(name, next((v.owner for v in versions if v.owner), None))
     tenants.grant(name, req.tenants)
     return alias_object(row, store)
 

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Annotated
 import httpx
 from fastapi import Depends, Request
 
-from serve.config import ServeConfig
+from serve.config import Limits, ServeConfig
 from serve.gateway.admin import check_admin_key, check_metrics_key, is_operator
 from serve.gateway.limits import Limiter
 from serve.gateway.metrics import Metrics
-from serve.gateway.protocol import unauthorized
+from serve.gateway.protocol import rate_limited, unauthorized
 from serve.gateway.proxy import Proxy
 from serve.gateway.registry import Registry
 from serve.gateway.tenants import Tenant, TenantStore, bearer_key
@@ -81,6 +81,17 @@ async def get_tenant(request: Request) -> Tenant:
     return tenant
 
 
+async def get_metered_tenant(request: Request) -> Tenant:
+    """The tenant, counted against its rpm like a completion (files and fine-tuning routes): 429 past it."""
+    tenant = await get_tenant(request)
+    limiter = _gateway(request).limiter
+    decision = await limiter.acquire(tenant.name, Limits(rpm=tenant.limits.rpm))
+    if not decision.ok:
+        raise rate_limited(decision.limit, decision.retry_after_header)
+    limiter.release(tenant.name, lease=decision.lease)  # no slot held: these routes answer from the store
+    return tenant
+
+
 async def require_admin(request: Request) -> None:
     """401 unless the request carries the admin key (or when the admin API is off)."""
     check_admin_key(_gateway(request).cfg.gateway.admin_key_hash, request.headers.get("authorization"))
@@ -106,6 +117,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ClientDep = Annotated[httpx.AsyncClient, Depends(get_client)]
 AdaptersRootDep = Annotated[Path, Depends(get_adapters_root)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+MeteredTenantDep = Annotated[Tenant, Depends(get_metered_tenant)]
 StoreDep = Annotated[Store, Depends(get_store)]
 DataDirDep = Annotated[Path, Depends(get_data_dir)]
 AdminDep = Depends(require_admin)

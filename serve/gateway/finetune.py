@@ -12,19 +12,21 @@ import json
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorafleet.core.scorers import make_scorer
-from serve.config import ServeConfig
+from serve.config import Name, ServeConfig
 from serve.gateway.protocol import ApiError, bad_request, invalid_body
+from serve.gateway.tenants import Tenant
 from serve.store.schema import CheckpointRow, EventRow, FileRow, JobRow
 from serve.store.store import TERMINAL, Store
 from train.data import DataError, to_conversation
 
 PURPOSES = ("fine-tune",)  # what this gateway accepts; OpenAI's other purposes have no use here
 MAX_LINE_ERRORS = 10
+MAX_FILENAME = 512  # the store's column (serve/store/schema.py FileRow.filename)
 
 
 def _ts(t: datetime | None) -> int | None:
@@ -39,26 +41,33 @@ def not_found(kind: str, ident: str) -> ApiError:
 
 
 def check_jsonl(data: bytes, filename: str) -> int:
-    """The number of examples; every bad line named in one 400 (up to MAX_LINE_ERRORS), nothing stored."""
+    """The number of examples; the first MAX_LINE_ERRORS bad lines named in one 400 (the rest counted), nothing
+    stored. A line no parser can hold (nested 100k deep, a 5,000-digit number) is a bad line like any other."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise bad_request(f"file: {filename} is not UTF-8 text ({e.reason})", param="file") from None
-    count, problems = 0, []
+    count, bad, problems = 0, 0, []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             to_conversation(json.loads(line))
             count += 1
+            continue
         except json.JSONDecodeError as e:
-            problems.append(f"line {lineno}: bad JSON: {e.msg}")
+            problem = f"line {lineno}: bad JSON: {e.msg}"
+        except (ValueError, RecursionError) as e:  # too deep, or an int over Python's digit limit
+            problem = f"line {lineno}: bad JSON: {type(e).__name__}"
         except DataError as e:
-            problems.append(f"line {lineno}: {e}")
-    if problems:
-        more = f" (and {len(problems) - MAX_LINE_ERRORS} more)" if len(problems) > MAX_LINE_ERRORS else ""
-        raise bad_request(f"file: {filename} has {len(problems)} bad line(s): " + "; ".join(problems[:MAX_LINE_ERRORS])
-                          + more, param="file", code="invalid_file_format")  # fmt: skip
+            problem = f"line {lineno}: {e}"
+        bad += 1
+        if len(problems) < MAX_LINE_ERRORS:  # keep a few: 5 MB of bad lines must not become 5 MB of messages
+            problems.append(problem[:300])
+    if bad:
+        more = f" (and {bad - MAX_LINE_ERRORS} more)" if bad > MAX_LINE_ERRORS else ""
+        raise bad_request(f"file: {filename} has {bad} bad line(s): " + "; ".join(problems) + more, param="file",
+                          code="invalid_file_format")  # fmt: skip
     if count == 0:
         raise bad_request(f"file: {filename} has no examples", param="file", code="invalid_file_format")
     return count
@@ -69,15 +78,26 @@ def file_object(row: FileRow) -> dict:
             "filename": row.filename, "purpose": row.purpose, "status": "processed", "status_details": None}  # fmt: skip
 
 
-def upload(store: Store, folder: Path, tenant: str, purpose: str | None, filename: str, data: bytes,
+def upload(store: Store, folder: Path, tenant: Tenant, purpose: str | None, filename: str, data: bytes,
            max_bytes: int) -> dict:  # fmt: skip
     if purpose not in PURPOSES:
-        raise bad_request(f"purpose: must be one of {', '.join(PURPOSES)}, got {purpose!r}", param="purpose")
+        raise bad_request(f"purpose: must be one of {', '.join(PURPOSES)}, got {str(purpose)[:64]!r}", param="purpose")
+    if len(filename) > MAX_FILENAME:
+        raise bad_request(f"file: a file name of at most {MAX_FILENAME} characters, got {len(filename)}", param="file")
     if len(data) > max_bytes:
-        raise ApiError(413, f"file: {len(data)} bytes is over the {max_bytes}-byte limit", param="file",
-                       code="file_too_large")  # fmt: skip
+        raise ApiError(413, f"file: over the {max_bytes}-byte limit", param="file", code="file_too_large")
     lines = check_jsonl(data, filename)
-    return file_object(store.add_file(tenant, purpose, filename, data, folder / tenant, lines))
+    quota = tenant.limits.storage_bytes
+    if quota is not None and store.tenant_bytes(tenant.name) + len(data) > quota:
+        raise quota_exceeded(f"file: your files would take more than your {quota}-byte storage limit; delete some "
+                             "first (DELETE /v1/files/ID)", param="file")  # fmt: skip
+    return file_object(store.add_file(tenant.name, purpose, filename, data, folder / tenant.name, lines))
+
+
+def quota_exceeded(message: str, param: str | None = None) -> ApiError:
+    """A per-tenant cap on what it keeps here (jobs not ended, bytes stored): 429, no Retry-After (it will not
+    pass on its own)."""
+    return ApiError(429, message, type="insufficient_quota", param=param, code="quota_exceeded")
 
 
 def own_file(store: Store, fid: str, tenant: str) -> FileRow:
@@ -125,20 +145,35 @@ class PromoteIf(BaseModel):
     """lorafleet's gate: move the tenant's alias to the new version only if it beats the base by `min_gain`."""
 
     model_config = ConfigDict(extra="forbid")
-    alias: str = Field(description="the tenant's alias to move, e.g. 'support'")
+    alias: Name = Field(description="the tenant's alias to move, e.g. 'support': new, or one only its models use")
     min_gain: float = Field(0.0, ge=-1, le=1, description="validation accuracy gain over the base model, 0-1")
 
 
+class Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    """OpenAI's `method`: only supervised fine-tuning runs here."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"] = Field("supervised", description="only 'supervised' is supported")
+    supervised: Supervised | None = None
+
+
 class CreateJob(BaseModel):
+    """Body of POST /v1/fine_tuning/jobs: OpenAI's fields, and lorafleet's `scorer` and `promote_if`."""
+
     model_config = ConfigDict(extra="ignore")  # integrations, metadata...: accepted, not acted on
-    model: str
-    training_file: str
-    validation_file: str | None = None
+    model: str = Field(max_length=256, description="a LoRA-enabled base model served here")
+    training_file: str = Field(max_length=64, description="a file id from POST /v1/files")
+    validation_file: str | None = Field(None, max_length=64, description="scored against the base model")
     suffix: str | None = Field(None, max_length=64)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     hyperparameters: Hyperparameters | None = None
-    method: dict | None = None
-    scorer: str | dict = Field("exact", description="lorafleet: how the validation file is scored")
+    method: Method | None = None
+    scorer: str | dict[str, Any] = Field("exact", description="lorafleet: how the validation file is scored")
     promote_if: PromoteIf | None = None
 
     @field_validator("suffix")
@@ -150,15 +185,8 @@ class CreateJob(BaseModel):
 
     def hyper(self) -> Hyperparameters:
         """`method.supervised.hyperparameters` (the newer form) or `hyperparameters` (the older one)."""
-        if self.method is not None:
-            if self.method.get("type", "supervised") != "supervised":
-                raise bad_request(f"method.type: only 'supervised' is supported, got {self.method.get('type')!r}",
-                                  param="method.type")  # fmt: skip
-            raw = (self.method.get("supervised") or {}).get("hyperparameters") or {}
-            try:
-                return Hyperparameters.model_validate(raw)
-            except ValidationError as e:
-                raise invalid_body(e, "method.supervised.hyperparameters") from None
+        if self.method is not None and self.method.supervised is not None:
+            return self.method.supervised.hyperparameters or Hyperparameters()
         return self.hyperparameters or Hyperparameters()
 
 
@@ -169,7 +197,7 @@ def parse_job(raw: bytes) -> CreateJob:
         raise invalid_body(e) from None
 
 
-def create_job(req: CreateJob, *, store: Store, cfg: ServeConfig, tenant: str) -> dict:
+def create_job(req: CreateJob, *, store: Store, cfg: ServeConfig, tenant: Tenant) -> dict:
     engine = cfg.engine_for(req.model)
     if engine is None or not engine.enable_lora:
         bases = sorted(e.public_name for e in cfg.engines if e.enable_lora)
@@ -177,20 +205,38 @@ def create_job(req: CreateJob, *, store: Store, cfg: ServeConfig, tenant: str) -
                           code="model_not_available")  # fmt: skip
     for field in ("training_file", "validation_file"):
         fid = getattr(req, field)
-        if fid is not None and store.file(fid, tenant) is None:  # another tenant's file is as unknown as none
+        if fid is not None and store.file(fid, tenant.name) is None:  # another tenant's file is as unknown as none
             raise bad_request(f"{field}: no file {fid!r}", param=field, code="invalid_file")
     try:  # the scorer is checked here, not hours later when the worker runs
         make_scorer(req.scorer)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise bad_request(f"scorer: {e}", param="scorer") from None
     hyper = req.hyper()
+    cap = tenant.limits.fine_tuning_jobs
+    if cap is not None and store.active_jobs(tenant.name) >= cap:
+        raise quota_exceeded(f"you have {cap} fine-tuning jobs that have not ended, your limit; wait for one or "
+                             "cancel one")  # fmt: skip
+    if req.promote_if is not None:
+        refusal = alias_refusal(store, cfg, req.promote_if.alias, tenant.name)
+        if refusal:
+            raise bad_request(f"promote_if.alias: {refusal}", param="promote_if.alias", code="alias_taken")
     row = store.create_job(
-        tenant=tenant, model=req.model, training_file=req.training_file, validation_file=req.validation_file,
+        tenant=tenant.name, model=req.model, training_file=req.training_file, validation_file=req.validation_file,
         suffix=req.suffix, seed=req.seed if req.seed is not None else 42, hyperparameters=hyper.model_dump(),
         extra={"scorer": req.scorer, "promote_if": req.promote_if.model_dump() if req.promote_if else None},
         status="validating_files",  # a worker checks the data (lorafleet.worker.Worker.validate), then queues it
     )  # fmt: skip
     return job_object(row)
+
+
+def alias_refusal(store: Store, cfg: ServeConfig, alias: str, tenant: str) -> str | None:
+    """Why a tenant's job may not move `alias`, or None: an alias is the tenant's to move only if it does not exist
+    yet or every version it serves is the tenant's own. A configured model's name is never one (checked when the
+    job is created and again at promotion: tests/serve/test_attacks.py)."""
+    owners = store.alias_owners(alias)
+    if alias in cfg.model_names() or (owners is not None and owners != {tenant}):
+        return f"{alias!r} is taken; name an alias of your own"
+    return None
 
 
 def job_object(row: JobRow) -> dict:
@@ -250,9 +296,9 @@ def list_events(store: Store, jid: str, tenant: str, after: str | None, limit: i
     own_job(store, jid, tenant)
     cursor = None
     if after is not None:
-        m = re.fullmatch(r"ftevent-(\d+)", after)
+        m = re.fullmatch(r"ftevent-(\d{1,18})", after)  # the store's ids fit 63 bits
         if m is None:
-            raise bad_request(f"after: not an event id: {after!r}", param="after")
+            raise bad_request(f"after: not an event id: {after[:64]!r}", param="after")
         cursor = int(m.group(1))
     rows, more = store.events(jid, cursor, _limit(limit))
     return {"object": "list", "data": [event_object(r) for r in rows], "has_more": more}

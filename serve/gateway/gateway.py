@@ -109,14 +109,19 @@ class Gateway:
 
     def apply_store(self, versions: list[VersionRow], aliases: list[AliasRow]) -> None:
         """Serve what the store holds that this gateway does not: new versions, new or moved aliases."""
-        reg = self.registry
+        reg, owner = self.registry, {v.id: v.owner for v in versions}
         for v in versions:
             if v.id not in reg.models and self.cfg.engine_for(v.base) is not None:
                 reg.add_adapter(v.id, Path(v.path), v.base)
+            self.tenants.set_owner(v.id, v.owner)
         for a in aliases:
             targets = [(t["version"], float(t["weight"])) for t in a.targets]
             if a.name in reg.models or not all(v in reg.models for v, _ in targets):  # a base or merged model
                 continue
+            # an alias serving a tenant's own versions is that tenant's: outside every other tenant's '*'
+            self.tenants.set_owner(a.name, next((owner[v] for v, _ in targets if owner.get(v)), None))
+            granted = [t.name for t in self.tenants.tenants.values() if a.name in t.models]
+            self.tenants.revoke(a.name, [t for t in granted if t not in a.tenants])  # another gateway revoked it
             current = reg.aliases.get(a.name)
             if current is None or current.targets != targets:
                 reg.set_alias(a.name, targets, reg.models[targets[0][0]].base)

@@ -122,8 +122,28 @@ def _int_field(data: dict, name: str, cap: int) -> int | None:
     return value
 
 
+def _bool_field(data: dict, name: str, param: str) -> bool | None:
+    """A boolean the gateway acts on: JSON true/false (or null/absent), never a string that merely looks like one.
+    `"false"` would be truthy here and false to the engine's pydantic model: the two must never disagree."""
+    value = data.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{param} must be true or false, got {json.dumps(value)[:50]}", param=param)
+    return value
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a /v1/completions `prompt` holds: a string or a list of token ids is one; a list of
+    strings or of token-id lists is one each."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return len(prompt)
+    return 1
+
+
 def parse_request(raw: bytes, kind: Kind, max_tokens_cap: int, max_n: int | None = None) -> ProxyRequest:
-    """Check a /v1/chat/completions or /v1/completions body; raise ApiError(400) naming the bad field."""
+    """Check a /v1/chat/completions or /v1/completions body; raise ApiError(400) naming the bad field.
+
+    The engine always gets a `max_tokens` (the cap when the client sent none) and, when streaming, the usage
+    options metering needs (tests/serve/test_attacks.py: no request is generated unbounded or unbilled)."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, or an int of > 4300 digits
@@ -133,33 +153,43 @@ def parse_request(raw: bytes, kind: Kind, max_tokens_cap: int, max_n: int | None
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("model is required and must be a non-empty string", param="model")
+    prompts = 1
     if kind == "chat":
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise bad_request("messages is required: a non-empty list of {role, content} objects", param="messages")
     elif not isinstance(data.get("prompt"), str | list):
         raise bad_request("prompt is required: a string or a list", param="prompt")
-    stream = data.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad_request(f"stream must be true or false, got {json.dumps(stream)}", param="stream")
+    else:
+        prompts = _prompts(data["prompt"])
+    stream = bool(_bool_field(data, "stream", "stream"))
     max_tokens = _int_field(data, "max_tokens", max_tokens_cap)
     max_tokens = _int_field(data, "max_completion_tokens", max_tokens_cap) or max_tokens
-    # n choices cost n times the engine: unbounded, one request could starve every tenant
-    n = _int_field(data, "n", max_n if max_n is not None else 1 << 31) or 1
+    # n choices of each prompt cost n x prompts times the engine: unbounded, one request could starve every tenant
+    cap_n = max_n if max_n is not None else 1 << 31
+    n = _int_field(data, "n", cap_n) or 1
+    if n * prompts > cap_n:
+        raise bad_request(f"prompt: {prompts} prompts x n={n} is {n * prompts} generations; at most {cap_n} a request "
+                          "on this gateway", param="prompt")  # fmt: skip
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options must be an object", param="stream_options")
-    wants_usage = bool(options and options.get("include_usage"))
-    wants_running = wants_usage and bool(options.get("continuous_usage_stats"))
-    body = raw
-    if stream and not wants_running:
+    options = options or {}
+    wants_usage = bool(_bool_field(options, "include_usage", "stream_options.include_usage"))
+    running = _bool_field(options, "continuous_usage_stats", "stream_options.continuous_usage_stats")
+    wants_running = wants_usage and bool(running)
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request(f"user must be a string, got {json.dumps(user)[:50]}", param="user")
+    changed = False
+    if max_tokens is None:  # else the engine's default: the whole context, past every cap
+        data["max_tokens"], max_tokens, changed = max_tokens_cap, max_tokens_cap, True
+    if stream and not (options.get("include_usage") is True and options.get("continuous_usage_stats") is True):
         # Metering needs the engine's usage on every chunk (an aborted stream is charged what it got) and its final
-        # usage chunk; both are stripped again unless the client asked for them.
-        data["stream_options"] = {**(options or {}), "include_usage": True, "continuous_usage_stats": True}
-        body = json.dumps(data, separators=(",", ":")).encode()
-    user = data.get("user") if isinstance(data.get("user"), str) else None
+        # usage chunk, whatever the client asked: both are stripped again unless the client asked for them.
+        data["stream_options"] = {**options, "include_usage": True, "continuous_usage_stats": True}
+        changed = True
+    body = json.dumps(data, separators=(",", ":")).encode() if changed else raw
     return ProxyRequest(kind, model, stream, wants_usage, max_tokens, body, n, wants_running, user)
 
 
@@ -255,13 +285,28 @@ class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, texts or token ids")
 
 
-REQUEST_BODIES = {"chat": ChatCompletionRequest, "completion": CompletionRequest, "register": RegisterAdapter}
+REQUEST_BODIES: dict[str, type[BaseModel]] = {}  # every body a route documents, filled as the routes are defined
 
 
-def openapi_body(name: str) -> dict:
-    """`openapi_extra` of a route whose body the gateway reads itself: documented, never parsed by FastAPI."""
-    ref = {"$ref": f"#/components/schemas/{REQUEST_BODIES[name].__name__}"}
+def openapi_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` of a route whose body the gateway reads itself (FastAPI cannot see it): the same pydantic
+    model that validates the body documents it, so schemathesis fuzzes every route (tests/serve/test_hostile.py)."""
+    REQUEST_BODIES[model.__name__] = model
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+class FileUpload(BaseModel):
+    """Body of POST /v1/files (multipart/form-data)."""
+
+    file: bytes = Field(description="JSONL: one chat or prompt/completion example per line")
+    purpose: Literal["fine-tune"]
+
+
+def openapi_upload() -> dict:
+    REQUEST_BODIES[FileUpload.__name__] = FileUpload
+    schema = {"$ref": f"#/components/schemas/{FileUpload.__name__}"}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 def openapi_components() -> dict:

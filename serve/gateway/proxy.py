@@ -20,9 +20,9 @@ import anyio
 import httpx
 from fastapi import Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 
 from serve.config import GatewayConfig, Price, TenantConfig
+from serve.gateway.bodies import CLIENT_CLOSED, read_body
 from serve.gateway.limits import Limiter
 from serve.gateway.metrics import Metrics
 from serve.gateway.protocol import (
@@ -52,7 +52,6 @@ DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, aiohttp
            aiohttp.ClientOSError)  # fmt: skip
 TIMEOUT = (httpx.TimeoutException, asyncio.TimeoutError)  # aiohttp's read timeout is an asyncio.TimeoutError
 BROKEN = (httpx.HTTPError, aiohttp.ClientError, OSError)
-CLIENT_CLOSED = 499  # the code nginx uses for "the client closed the connection before the answer ended"
 
 
 @dataclass
@@ -72,24 +71,6 @@ class Context:
     usage: dict | None = None
     ttft: float | None = None
     gaps: list[float] = field(default_factory=list)
-
-
-async def read_body(request: Request, cap: int) -> bytes:
-    """The request body, refusing (413) more than `cap` bytes without reading them all."""
-    too_large = ApiError(413, f"request body exceeds {cap} bytes", code="request_too_large")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > cap:
-        raise too_large
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                raise too_large
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ApiError(CLIENT_CLOSED, "the client closed the connection while sending the request") from None
-    return b"".join(chunks)
 
 
 def engine_json(status: int, body: bytes) -> dict:
@@ -232,7 +213,8 @@ class Proxy:
             ctx.replica = replica
             reg.touch(replica, ctx.model)
             return resp
-        raise unavailable(f"no engine for {ctx.model.name!r} is reachable; retry shortly", self.settings.retry_after_s)
+        # named as the client named it: an alias's version ids are not the caller's to learn
+        raise unavailable(f"no engine for {ctx.label!r} is reachable; retry shortly", self.settings.retry_after_s)
 
     async def _try(self, ctx: Context, replica: Replica) -> aiohttp.ClientResponse | None:
         """The engine's response from this replica, or None to try the next one."""

@@ -326,9 +326,7 @@ class Registry:
         self.metrics.adapter_loads.labels(model.adapter, "ok" if ok else "error").inc()
         if not ok:
             log.error("engine %s refused adapter %s: %s %s", replica.name, model.name, resp.status_code, resp.text)
-            raise ApiError(
-                502, f"the engine could not load adapter {model.name!r}", "server_error", code="adapter_load_failed"
-            )
+            raise ApiError(502, "the engine could not load the adapter", "server_error", code="adapter_load_failed")
         self.metrics.adapter_load_seconds.labels(model.adapter).observe(time.perf_counter() - t0)
         replica.loaded.add(model.name)
 

@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from serve.gateway import admin, finetune
+from serve.gateway.bodies import read_body, read_form
 from serve.gateway.deps import (
     AdaptersRootDep,
     AdminDep,
@@ -18,6 +19,7 @@ from serve.gateway.deps import (
     ConfigDep,
     DataDirDep,
     LimiterDep,
+    MeteredTenantDep,
     MetricsDep,
     MetricsKeyDep,
     OperatorDep,
@@ -29,28 +31,34 @@ from serve.gateway.deps import (
 )
 from serve.gateway.protocol import (
     ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
     CreateVersion,
     PointAlias,
+    RegisterAdapter,
     SetReplicas,
     model_card,
     model_not_found,
     openapi_body,
+    openapi_upload,
 )
 from serve.gateway.registry import Registry
 from serve.gateway.tenants import Tenant
+from serve.store.store import StoreError
 
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the `purpose` field around the file
 router = APIRouter()
 admin_router = APIRouter(prefix="/admin", dependencies=[AdminDep])
 
 # The function names are part of the API: FastAPI derives each OpenAPI operationId from one.
 
 
-@router.post("/v1/chat/completions", openapi_extra=openapi_body("chat"))
+@router.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     return await proxy_of(request).handle(request, "chat")
 
 
-@router.post("/v1/completions", openapi_extra=openapi_body("completion"))
+@router.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     return await proxy_of(request).handle(request, "completion")
 
@@ -111,7 +119,7 @@ async def engine_metrics(name: str, registry: RegistryDep, client: ClientDep) ->
     return Response(resp.content, status_code=resp.status_code, media_type=resp.headers.get("content-type"))
 
 
-@admin_router.post("/adapters", status_code=201, openapi_extra=openapi_body("register"))
+@admin_router.post("/adapters", status_code=201, openapi_extra=openapi_body(RegisterAdapter))
 async def register_adapter(
     request: Request,
     cfg: ConfigDep,
@@ -120,7 +128,7 @@ async def register_adapter(
     root: AdaptersRootDep,
     store: StoreDep,
 ) -> dict:
-    req = admin.parse_register(await request.body())
+    req = admin.parse_register(await read_body(request, cfg.gateway.max_body_bytes))
     return await admin.register_adapter(req, cfg=cfg, registry=registry, tenants=tenants, root=root, store=store)
 
 
@@ -134,7 +142,7 @@ async def delete_adapter(name: str, registry: RegistryDep, tenants: TenantsDep, 
     return await admin.remove_adapter(name, registry=registry, tenants=tenants, store=store)
 
 
-@admin_router.post("/versions", status_code=201)
+@admin_router.post("/versions", status_code=201, openapi_extra=openapi_body(CreateVersion))
 async def create_version(
     request: Request,
     cfg: ConfigDep,
@@ -143,7 +151,7 @@ async def create_version(
     store: StoreDep,
     root: AdaptersRootDep,
 ) -> dict:
-    req = admin.parse_body(await request.body(), CreateVersion)
+    req = admin.parse_body(await read_body(request, cfg.gateway.max_body_bytes), CreateVersion)
     return await admin.create_version(req, cfg=cfg, registry=registry, tenants=tenants, store=store, root=root)
 
 
@@ -153,11 +161,11 @@ async def list_versions(store: StoreDep, adapter: str | None = None) -> dict:
     return {"versions": [admin.version_object(v) for v in rows]}
 
 
-@admin_router.put("/aliases/{name}")
+@admin_router.put("/aliases/{name}", openapi_extra=openapi_body(PointAlias))
 async def point_alias(
-    name: str, request: Request, registry: RegistryDep, tenants: TenantsDep, store: StoreDep
+    name: str, request: Request, registry: RegistryDep, tenants: TenantsDep, store: StoreDep, cfg: ConfigDep
 ) -> dict:
-    req = admin.parse_body(await request.body(), PointAlias)
+    req = admin.parse_body(await read_body(request, cfg.gateway.max_body_bytes), PointAlias)
     return await admin.point_alias(name, req, registry=registry, tenants=tenants, store=store)
 
 
@@ -179,9 +187,9 @@ async def engines(registry: RegistryDep) -> dict:
     return admin.engines_report(registry)
 
 
-@admin_router.put("/engines/{name}/replicas")
+@admin_router.put("/engines/{name}/replicas", openapi_extra=openapi_body(SetReplicas))
 async def set_replicas(name: str, request: Request, registry: RegistryDep, cfg: ConfigDep) -> dict:
-    req = admin.parse_body(await request.body(), SetReplicas)
+    req = admin.parse_body(await read_body(request, cfg.gateway.max_body_bytes), SetReplicas)
     admin.set_replicas(name, req, cfg=cfg, registry=registry)
     await registry.check_health(timeout=cfg.gateway.connect_timeout_s)  # new replicas get a state at once
     return next(e for e in admin.engines_report(registry)["engines"] if e["name"] == name)
@@ -195,75 +203,82 @@ async def tenants(store: TenantsDep, limiter: LimiterDep) -> JSONResponse:
 # -- the OpenAI Files and fine-tuning API (serve/gateway/finetune.py); the store's I/O runs off the event loop
 
 
-@router.post("/v1/files")
-async def upload_file(request: Request, tenant: TenantDep, store: StoreDep, data: DataDirDep, cfg: ConfigDep) -> dict:
+@router.post("/v1/files", openapi_extra=openapi_upload())
+async def upload_file(request: Request, tenant: MeteredTenantDep, store: StoreDep, data: DataDirDep,
+                      cfg: ConfigDep) -> dict:  # fmt: skip
     cap = cfg.gateway.max_file_bytes
+    form = await read_form(request, cap + MULTIPART_OVERHEAD)
     try:
-        form = await request.form(max_files=1, max_fields=8, max_part_size=cap + 1)
-    except Exception as e:  # not multipart, or a part over the cap
-        raise ApiError(400, f"expected multipart/form-data with `file` and `purpose`: {e}", param="file") from None
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise ApiError(400, "file: missing; send the JSONL as the multipart field `file`", param="file")
-    raw = await upload.read(cap + 1)
-    return await run_in_threadpool(finetune.upload, store, data / "files", tenant.name, form.get("purpose"),
-                                   upload.filename or "upload.jsonl", raw, cap)  # fmt: skip
+        upload, purpose = form.get("file"), form.get("purpose")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "file: missing; send the JSONL as the multipart field `file`", param="file")
+        raw = await upload.read(cap + 1)
+    finally:
+        await form.close()
+    return await run_in_threadpool(finetune.upload, store, data / "files", tenant, purpose if isinstance(purpose, str)
+                                   else None, upload.filename or "upload.jsonl", raw, cap)  # fmt: skip
 
 
 @router.get("/v1/files")
-async def list_files(tenant: TenantDep, store: StoreDep, purpose: str | None = None) -> dict:
+async def list_files(tenant: MeteredTenantDep, store: StoreDep, purpose: str | None = None) -> dict:
     rows = await run_in_threadpool(store.files, tenant.name, purpose)
     return {"object": "list", "data": [finetune.file_object(r) for r in rows], "has_more": False}
 
 
 @router.get("/v1/files/{file_id}")
-async def get_file(file_id: str, tenant: TenantDep, store: StoreDep) -> dict:
+async def get_file(file_id: str, tenant: MeteredTenantDep, store: StoreDep) -> dict:
     return finetune.file_object(await run_in_threadpool(finetune.own_file, store, file_id, tenant.name))
 
 
 @router.get("/v1/files/{file_id}/content")
-async def file_content(file_id: str, tenant: TenantDep, store: StoreDep) -> Response:
+async def file_content(file_id: str, tenant: MeteredTenantDep, store: StoreDep) -> Response:
     row = await run_in_threadpool(finetune.own_file, store, file_id, tenant.name)
     return Response(await run_in_threadpool(Path(row.path).read_bytes), media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}")
-async def delete_file(file_id: str, tenant: TenantDep, store: StoreDep) -> dict:
-    if not await run_in_threadpool(store.delete_file, file_id, tenant.name):
+async def delete_file(file_id: str, tenant: MeteredTenantDep, store: StoreDep) -> dict:
+    try:
+        deleted = await run_in_threadpool(store.delete_file, file_id, tenant.name)
+    except StoreError as e:  # a job that has not ended still needs it
+        raise ApiError(409, str(e), param="file_id", code="file_in_use") from None
+    if not deleted:
         raise finetune.not_found("file", file_id)
     return {"object": "file", "id": file_id, "deleted": True}
 
 
-@router.post("/v1/fine_tuning/jobs")
-async def create_fine_tuning_job(request: Request, tenant: TenantDep, store: StoreDep, cfg: ConfigDep) -> dict:
-    req = finetune.parse_job(await request.body())
-    return await run_in_threadpool(lambda: finetune.create_job(req, store=store, cfg=cfg, tenant=tenant.name))
+@router.post("/v1/fine_tuning/jobs", openapi_extra=openapi_body(finetune.CreateJob))
+async def create_fine_tuning_job(request: Request, tenant: MeteredTenantDep, store: StoreDep, cfg: ConfigDep) -> dict:
+    req = finetune.parse_job(await read_body(request, cfg.gateway.max_body_bytes))
+    return await run_in_threadpool(lambda: finetune.create_job(req, store=store, cfg=cfg, tenant=tenant))
 
 
 @router.get("/v1/fine_tuning/jobs")
-async def list_fine_tuning_jobs(tenant: TenantDep, store: StoreDep, after: str | None = None, limit: int = 20) -> dict:
+async def list_fine_tuning_jobs(
+    tenant: MeteredTenantDep, store: StoreDep, after: str | None = None, limit: int = 20
+) -> dict:
     return await run_in_threadpool(finetune.list_jobs, store, tenant.name, after, limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
-async def get_fine_tuning_job(job_id: str, tenant: TenantDep, store: StoreDep) -> dict:
+async def get_fine_tuning_job(job_id: str, tenant: MeteredTenantDep, store: StoreDep) -> dict:
     return finetune.job_object(await run_in_threadpool(finetune.own_job, store, job_id, tenant.name))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
-async def cancel_fine_tuning_job(job_id: str, tenant: TenantDep, store: StoreDep) -> dict:
+async def cancel_fine_tuning_job(job_id: str, tenant: MeteredTenantDep, store: StoreDep) -> dict:
     return await run_in_threadpool(finetune.cancel, store, job_id, tenant.name)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 async def list_fine_tuning_events(
-    job_id: str, tenant: TenantDep, store: StoreDep, after: str | None = None, limit: int = 20
+    job_id: str, tenant: MeteredTenantDep, store: StoreDep, after: str | None = None, limit: int = 20
 ) -> dict:
     return await run_in_threadpool(finetune.list_events, store, job_id, tenant.name, after, limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-async def list_fine_tuning_checkpoints(job_id: str, tenant: TenantDep, store: StoreDep) -> dict:
+async def list_fine_tuning_checkpoints(job_id: str, tenant: MeteredTenantDep, store: StoreDep) -> dict:
     return await run_in_threadpool(finetune.list_checkpoints, store, job_id, tenant.name)
 
 

@@ -56,14 +56,18 @@ class Tenant:
     limits: Limits
     config: TenantConfig
     usage: Usage = field(default_factory=Usage)
+    private: dict[str, str] = field(default_factory=dict)  # the TenantStore's: model name -> the tenant owning it
 
     def may_use(self, model: str) -> bool:
-        return "*" in self.models or model in self.models
+        """A model granted by name; or, with '*', any shared model: never a version or fine-tuned model another
+        tenant owns (tests/serve/test_attacks.py)."""
+        return model in self.models or ("*" in self.models and model not in self.private)
 
 
 class TenantStore:
     def __init__(self, tenants: list[TenantConfig]):
-        self.tenants = {t.name: Tenant(t.name, set(t.models), t.limits, t) for t in tenants}
+        self.private: dict[str, str] = {}  # names of versions and aliases one tenant owns: outside every '*'
+        self.tenants = {t.name: Tenant(t.name, set(t.models), t.limits, t, private=self.private) for t in tenants}
         self._hashes = [(h, t.name) for t in tenants for h in t.api_key_hashes]
 
     def authenticate(self, key: str | None) -> Tenant | None:
@@ -81,6 +85,14 @@ class TenantStore:
         for name in tenant_names:
             self.tenants[name].models.add(model)
 
-    def revoke(self, model: str) -> None:
+    def revoke(self, model: str, tenant_names: list[str] | None = None) -> None:
+        """Take `model` from these tenants (None: from all), unless their config names it."""
         for t in self.tenants.values():
-            t.models.discard(model)
+            if tenant_names is None or (t.name in tenant_names and model not in t.config.models):
+                t.models.discard(model)
+
+    def set_owner(self, model: str, owner: str | None) -> None:
+        if owner is None:
+            self.private.pop(model, None)
+        else:
+            self.private[model] = owner

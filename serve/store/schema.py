@@ -29,7 +29,7 @@ class VersionRow(Base):
     """One immutable adapter version, named by a hash of its files: a reused name can never serve stale weights."""
 
     __tablename__ = "adapter_versions"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "<adapter>@<sha256[:12]>": what vLLM is sent
+    id: Mapped[str] = mapped_column(String(320), primary_key=True)  # "<adapter>@<sha256[:12]>": what vLLM is sent
     adapter: Mapped[str] = mapped_column(String(256), index=True)
     digest: Mapped[str] = mapped_column(String(64))
     base: Mapped[str] = mapped_column(String(256))
@@ -125,10 +125,11 @@ class UsageRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tenant: Mapped[str] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(256))
-    version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    version: Mapped[str | None] = mapped_column(String(320), nullable=True)
     requests: Mapped[int] = mapped_column(Integer, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # fine-tuning jobs
     cost_nano_usd: Mapped[int] = mapped_column(BigInteger, default=0)  # integers: sums are exact in any order
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 

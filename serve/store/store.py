@@ -151,10 +151,11 @@ class Store:
                     raise StoreError(f"unknown tenant {name!r}")
                 row.models = sorted(set(row.models) | {model})
 
-    def revoke(self, model: str) -> None:
+    def revoke(self, model: str, tenants: list[str] | None = None) -> None:
+        """Take a granted model from these tenants (None: from every tenant)."""
         with self.tx() as s:
             for row in s.scalars(select(TenantRow)):
-                if model in row.models:
+                if model in row.models and (tenants is None or row.name in tenants):
                     row.models = [m for m in row.models if m != model]
 
     # -- adapter versions
@@ -185,11 +186,17 @@ class Store:
 
     # -- aliases
 
-    def set_alias(self, name: str, targets: list[dict], tenants: list[str] | None = None) -> AliasRow:
-        """Point an alias at one version or a weighted split; the previous target goes to its history."""
+    def set_alias(
+        self, name: str, targets: list[dict], tenants: list[str] | None = None, owner: str | None = None
+    ) -> AliasRow:
+        """Point an alias at one version or a weighted split; the previous target goes to its history. With
+        `owner` (a tenant's promotion), only an alias that is new or points only at that tenant's versions moves:
+        checked in the same transaction as the write."""
         with self.tx() as s:
             self._check_targets(s, targets)
             row = s.get(AliasRow, name)
+            if owner is not None and row is not None and self._owners(s, row.targets) != {owner}:
+                raise StoreError(f"alias {name!r} serves models that are not yours; choose another alias")
             if row is None:
                 row = AliasRow(name=name, targets=targets, tenants=tenants or [])
                 s.add(row)
@@ -212,6 +219,16 @@ class Store:
         total = sum(float(t["weight"]) for t in targets)
         if abs(total - 1) > 1e-6:
             raise StoreError(f"targets: weights must sum to 1, got {total:g}")
+
+    @staticmethod
+    def _owners(s: Session, targets: list[dict]) -> set[str | None]:
+        return {(v.owner if (v := s.get(VersionRow, t.get("version", ""))) is not None else None) for t in targets}
+
+    def alias_owners(self, name: str) -> set[str | None] | None:
+        """The owners of the versions an alias points at (None for a shared version); None if there is no alias."""
+        with self.tx() as s:
+            row = s.get(AliasRow, name)
+            return None if row is None else self._owners(s, row.targets)
 
     def delete_alias(self, name: str) -> bool:
         with self.tx() as s:
@@ -248,11 +265,15 @@ class Store:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / fid
         path.write_bytes(data)  # the bytes first: a row never points at a missing file
-        with self.tx() as s:
-            row = FileRow(id=fid, tenant=tenant, purpose=purpose, filename=filename, bytes=len(data), path=str(path),
-                          lines=lines)  # fmt: skip
-            s.add(row)
-            return row
+        try:
+            with self.tx() as s:
+                row = FileRow(id=fid, tenant=tenant, purpose=purpose, filename=filename, bytes=len(data),
+                              path=str(path), lines=lines)  # fmt: skip
+                s.add(row)
+                return row
+        except BaseException:  # no row: no file left behind either
+            path.unlink(missing_ok=True)
+            raise
 
     def file(self, fid: str, tenant: str) -> FileRow | None:
         """A tenant's own file; another tenant's is None, exactly like one that does not exist."""
@@ -266,13 +287,29 @@ class Store:
             return list(s.scalars(q.where(FileRow.purpose == purpose) if purpose else q))
 
     def delete_file(self, fid: str, tenant: str) -> bool:
+        """Delete a tenant's file; False if it has none by that id. A file a job still needs is kept: StoreError."""
         with self.tx() as s:
             row = s.get(FileRow, fid)
             if row is None or row.tenant != tenant:
                 return False
+            uses = (JobRow.training_file == fid) | (JobRow.validation_file == fid)
+            busy = s.scalar(select(JobRow.id).where(uses, JobRow.status.not_in(TERMINAL)).limit(1))
+            if busy is not None:
+                raise StoreError(f"file {fid} is used by fine-tuning job {busy}, which has not ended; cancel it first")
             s.delete(row)
         Path(row.path).unlink(missing_ok=True)
         return True
+
+    def tenant_bytes(self, tenant: str) -> int:
+        """What a tenant's files take on disk, in bytes."""
+        with self.tx() as s:
+            return int(s.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.tenant == tenant)))
+
+    def active_jobs(self, tenant: str) -> int:
+        """A tenant's jobs that have not ended (validating, queued or running)."""
+        with self.tx() as s:
+            q = select(func.count()).select_from(JobRow).where(JobRow.tenant == tenant, JobRow.status.not_in(TERMINAL))
+            return int(s.scalar(q))
 
     # -- fine-tuning jobs
 
@@ -338,11 +375,12 @@ class Store:
             return list(s.scalars(q))
 
     def claim_job(self, worker: str) -> JobRow | None:
-        """Take the oldest queued job, atomically: with several workers on one database each job runs once."""
+        """Take a queued job, atomically: with several workers on one database each job runs once. Tenants take
+        turns (tests/serve/test_attacks.py): the oldest job of the tenant with the fewest jobs running whose last
+        job ran longest ago, so thirty jobs queued by one tenant do not starve the next tenant's one."""
         for _ in range(5):
             with self.tx() as s:
-                q = select(JobRow.id).where(JobRow.status == "queued").order_by(JobRow.created_at).limit(1)
-                jid = s.scalar(q)
+                jid = self._next_queued(s)
                 if jid is None:
                     return None
                 # Compare-and-set: another worker may have taken it between the select and this update.
@@ -354,6 +392,21 @@ class Store:
                 self.event(jid, f"Fine-tuning job started on worker {worker}")
                 return self.job(jid)
         return None
+
+    @staticmethod
+    def _next_queued(s: Session) -> str | None:
+        queued = list(s.execute(select(JobRow.id, JobRow.tenant).where(JobRow.status == "queued")
+                                .order_by(JobRow.created_at, JobRow.id)))  # fmt: skip
+        if not queued:
+            return None
+        tenants = {t: i for i, (_, t) in reversed(list(enumerate(queued)))}  # tenant -> where its oldest job is
+        started = select(JobRow.tenant, func.count(JobRow.id).filter(JobRow.status == "running"),
+                         func.max(JobRow.heartbeat_at)).where(JobRow.tenant.in_(tenants)).group_by(JobRow.tenant)  # fmt: skip
+        turn = {t: (running, _aware(last) if last else datetime.min.replace(tzinfo=timezone.utc))
+                for t, running, last in s.execute(started)}  # fmt: skip
+        never = (0, datetime.min.replace(tzinfo=timezone.utc))
+        first = min(tenants, key=lambda t: (*turn.get(t, never), tenants[t]))
+        return next(jid for jid, t in queued if t == first)
 
     def jobs_with_status(self, status: str) -> list[JobRow]:
         with self.tx() as s:

@@ -12,6 +12,7 @@ import pytest
 from lorafleet.worker import MAX_ATTEMPTS, Worker
 from serve.config import parse_config
 from serve.gateway.finetune import CreateJob, create_job
+from serve.gateway.tenants import TenantStore
 from serve.store import Store
 from tests.conftest import MODELS
 from train.export import validate_adapter
@@ -41,7 +42,9 @@ def setup(tmp_path, monkeypatch):
 def job(cfg, store, train, valid=None, validate=True, **extra):
     body = {"model": "tiny-base", "training_file": train, "validation_file": valid, "suffix": "t",
             "hyperparameters": {"n_epochs": 1, "batch_size": 4}, **extra}  # fmt: skip
-    jid = create_job(CreateJob.model_validate(body), store=store, cfg=cfg, tenant="acme")["id"]
+    jid = create_job(
+        CreateJob.model_validate(body), store=store, cfg=cfg, tenant=TenantStore(cfg.tenants).tenants["acme"]
+    )["id"]
     assert store.job(jid).status == "validating_files"
     if validate:
         Worker(store, cfg, name="validator").validate_waiting()

@@ -65,6 +65,9 @@ def test_files_and_jobs_round_trip_with_the_openai_client(gw):
     assert events == ["Fine-tuning job cancelled", "Created fine-tuning job"]  # newest first
     assert c.fine_tuning.jobs.checkpoints.list(job.id).data == []
 
+    with pytest.raises(openai.ConflictError, match="has not ended"):  # job2 still needs it
+        c.files.delete(f.id)
+    c.fine_tuning.jobs.cancel(job2.id)
     assert c.files.delete(f.id).deleted
     with pytest.raises(openai.NotFoundError):
         c.files.retrieve(f.id)

@@ -68,7 +68,7 @@ def test_stream_with_client_final_usage_still_asks_for_running_usage():
 
 def test_stream_with_client_running_usage_is_untouched():
     options = {"include_usage": True, "continuous_usage_stats": True}
-    raw = json.dumps({**CHAT, "stream": True, "n": 3, "stream_options": options}).encode()
+    raw = json.dumps({**CHAT, "stream": True, "n": 3, "stream_options": options, "max_tokens": 9}).encode()
     req = parse_request(raw, "chat", 100)
     assert req.body is raw and req.client_wants_usage and req.client_wants_running_usage and req.n == 3
 

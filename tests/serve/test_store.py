@@ -71,6 +71,9 @@ def test_files_and_jobs_belong_to_their_tenant(store, tmp_path):
     assert store.job(job.id, "globex") is None and store.job(job.id, "acme").status == "queued"
     page, more = store.jobs("acme")
     assert [j.id for j in page] == [job.id] and not more and store.jobs("globex") == ([], False)
+    with pytest.raises(StoreError, match="has not ended"):  # a job that is not over still needs its file
+        store.delete_file(f.id, "acme")
+    store.update_job(job.id, status="cancelled")
     assert store.delete_file(f.id, "acme") and not (tmp_path / f.id).exists()
 
 
