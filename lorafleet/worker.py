@@ -32,7 +32,7 @@ from serve.config import ServeConfig, load_config
 from serve.engines.deploy import adapters_root
 from serve.gateway.finetune import alias_refusal, fine_tuned_name
 from serve.store.schema import JobRow
-from serve.store.store import Store, StoreError, StoreUnavailable
+from serve.store.store import NANO, Store, StoreError, StoreUnavailable
 from train.config import CONFIGS_DIR
 
 HEARTBEAT_S = 1.0
@@ -301,11 +301,23 @@ class Worker:
         data = json.dumps(result, indent=2).encode()
         results = self.store.add_file(job.tenant, "fine-tune-results", f"{job.id}-results.json", data,
                                       data_dir() / "files" / job.tenant, 1)  # fmt: skip
+        self.bill(job, result["trained_tokens"])
         self.store.update_job(job.id, status="succeeded", fine_tuned_model=name, trained_tokens=result["trained_tokens"],
                               result_files=[results.id])  # fmt: skip
         self.store.event(job.id, f"New fine-tuned model created: {name}")
         self.promote(job, version.id, result)
         self.store.event(job.id, "The job has successfully completed")
+
+    def bill(self, job: JobRow, tokens: int) -> None:
+        """The trained tokens into the ledger at the base model's training price (the tenant's own, if it has one);
+        the gateways read them from there into Prometheus and the tenant's $ budgets (Gateway.read_training)."""
+        tenant = next((t for t in self.cfg.tenants if t.name == job.tenant), None)
+        price = self.cfg.price(job.model, None, tenant)
+        nano = round(price.training_cost(tokens) * NANO)
+        self.store.record_usage([{"tenant": job.tenant, "model": job.model, "version": job.id, "requests": 0,
+                                  "prompt_tokens": 0, "completion_tokens": 0, "trained_tokens": tokens,
+                                  "cost_nano_usd": nano}])  # fmt: skip
+        self.store.event(job.id, f"Billed {tokens} trained tokens: ${nano / NANO:.6f}")
 
     def register(self, job: JobRow, name: str, folder: Path, meta: dict):
         """A new version under `name`, granted only to the job's tenant."""

@@ -320,6 +320,7 @@ def _list_index(items: list[Any], part: str, key: str, where: str) -> int:
 
 _INPUT = AliasChoices("usd_per_1m_input", "input")
 _OUTPUT = AliasChoices("usd_per_1m_output", "output")
+_TRAINING = AliasChoices("usd_per_1m_training", "training")
 
 
 class Price(Strict):
@@ -333,6 +334,9 @@ class Price(Strict):
     usd_per_1m_input: float | None = Field(None, ge=0, validation_alias=_INPUT, description="$ per 1M prompt tokens")
     usd_per_1m_output: float | None = Field(
         None, ge=0, validation_alias=_OUTPUT, description="$ per 1M completion tokens"
+    )
+    usd_per_1m_training: float | None = Field(
+        None, ge=0, validation_alias=_TRAINING, description="$ per 1M tokens a fine-tuning job trains on (serve)"
     )
 
     @model_validator(mode="after")
@@ -353,6 +357,10 @@ class Price(Strict):
     @property
     def output(self) -> float:
         return self.usd_per_1m_output or 0.0
+
+    def training_cost(self, trained_tokens: int) -> float:
+        """$ for a fine-tuning job that trained on this many tokens (epochs included)."""
+        return trained_tokens * (self.usd_per_1m_training or 0.0) / 1e6
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """$ for one request at list prices."""

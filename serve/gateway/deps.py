@@ -17,7 +17,7 @@ from serve.config import Limits, ServeConfig
 from serve.gateway.admin import check_admin_key, check_metrics_key, is_operator
 from serve.gateway.limits import Limiter
 from serve.gateway.metrics import Metrics
-from serve.gateway.protocol import rate_limited, unauthorized
+from serve.gateway.protocol import over_budget, rate_limited, unauthorized
 from serve.gateway.proxy import Proxy
 from serve.gateway.registry import Registry
 from serve.gateway.tenants import Tenant, TenantStore, bearer_key
@@ -81,15 +81,27 @@ async def get_tenant(request: Request) -> Tenant:
     return tenant
 
 
-async def get_metered_tenant(request: Request) -> Tenant:
-    """The tenant, counted against its rpm like a completion (files and fine-tuning routes): 429 past it."""
+async def _admitted(request: Request, budgets: bool) -> Tenant:
     tenant = await get_tenant(request)
-    limiter = _gateway(request).limiter
-    decision = await limiter.acquire(tenant.name, Limits(rpm=tenant.limits.rpm))
+    limiter, mine = _gateway(request).limiter, tenant.limits
+    spend = {"usd_per_day": mine.usd_per_day, "usd_per_month": mine.usd_per_month} if budgets else {}
+    decision = await limiter.acquire(tenant.name, Limits(rpm=mine.rpm, **spend))
     if not decision.ok:
+        if decision.limit.startswith("usd_"):
+            raise over_budget(decision.message, decision.retry_after_header)
         raise rate_limited(decision.limit, decision.retry_after_header)
     limiter.release(tenant.name, lease=decision.lease)  # no slot held: these routes answer from the store
     return tenant
+
+
+async def get_metered_tenant(request: Request) -> Tenant:
+    """The tenant, counted against its rpm like a completion (files and fine-tuning routes): 429 past it."""
+    return await _admitted(request, budgets=False)
+
+
+async def get_budgeted_tenant(request: Request) -> Tenant:
+    """... and refused (429 insufficient_quota) once its $ budget is spent: what starts new spending."""
+    return await _admitted(request, budgets=True)
 
 
 async def require_admin(request: Request) -> None:
@@ -118,6 +130,7 @@ ClientDep = Annotated[httpx.AsyncClient, Depends(get_client)]
 AdaptersRootDep = Annotated[Path, Depends(get_adapters_root)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 MeteredTenantDep = Annotated[Tenant, Depends(get_metered_tenant)]
+BudgetedTenantDep = Annotated[Tenant, Depends(get_budgeted_tenant)]
 StoreDep = Annotated[Store, Depends(get_store)]
 DataDirDep = Annotated[Path, Depends(get_data_dir)]
 AdminDep = Depends(require_admin)

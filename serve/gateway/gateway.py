@@ -22,7 +22,7 @@ from serve.gateway.metrics import Metrics
 from serve.gateway.proxy import Proxy
 from serve.gateway.registry import Registry
 from serve.gateway.shared_limits import RedisLimiter
-from serve.gateway.tenants import TenantStore, Usage
+from serve.gateway.tenants import NANO, TenantStore, Usage
 from serve.store.schema import AliasRow, VersionRow
 from serve.store.store import Store
 
@@ -76,7 +76,21 @@ class Gateway:
             if name in self.tenants.tenants:
                 self.tenants.tenants[name].usage = Usage(u["requests"], u["prompt_tokens"], u["completion_tokens"],
                                                          u["cost_nano_usd"])  # fmt: skip
+        self.trained_seen = self.store.last_usage_id()  # the totals above hold every job billed so far
         self.sync_models()
+
+    async def read_training(self) -> None:
+        """Fine-tuning jobs the workers billed since the last look: into Prometheus, the usage and the budgets."""
+        rows = await asyncio.to_thread(self.store.training_usage, self.trained_seen)
+        for row in rows:
+            self.trained_seen = max(self.trained_seen, row.id)
+            tenant = self.tenants.tenants.get(row.tenant)
+            if tenant is None:
+                continue
+            tenant.usage.cost_nano_usd += row.cost_nano_usd
+            self.metrics.tokens.labels(row.tenant, row.model, "trained").inc(row.trained_tokens)
+            self.metrics.cost.labels(row.tenant, row.model).inc(row.cost_nano_usd / NANO)
+            await self.limiter.charge_once(f"usage-{row.id}", row.tenant, row.cost_nano_usd / NANO)
 
     def flush_usage(self) -> None:
         """Append what was metered since the last flush to the ledger; its sum is always the running total."""
@@ -134,6 +148,7 @@ class Gateway:
             await self.limiter.refresh(list(self.tenants.tenants))  # shared limits: counts for the reports
             try:
                 await asyncio.to_thread(self.write_usage, self.take_usage())
+                await self.read_training()
                 self.apply_store(*await asyncio.to_thread(self.read_store))  # registry changes on the loop only
             except Exception:  # a database hiccup must not end the loop; the next round retries
                 log.exception("store sync failed")

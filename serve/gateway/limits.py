@@ -196,6 +196,13 @@ class Limiter(Reports):
             for period in PERIODS:
                 s.spent[period] = (period_of(period, when), self._spent(s, period, when) + cost_usd)
 
+    async def charge_once(self, key: str, tenant: str, cost_usd: float) -> None:
+        """Add a cost that came from elsewhere (a fine-tuning job in the ledger) to the tenant's budgets."""
+        if cost_usd:
+            s, when = self._state(tenant), datetime.fromtimestamp(self.wall(), UTC)
+            for period in PERIODS:
+                s.spent[period] = (period_of(period, when), self._spent(s, period, when) + cost_usd)
+
     def spend(self, tenant: str) -> dict[str, float]:
         """$ spent in the current UTC day and month."""
         s, when = self._state(tenant), datetime.fromtimestamp(self.wall(), UTC)

@@ -15,6 +15,7 @@ from serve.gateway.bodies import read_body, read_form
 from serve.gateway.deps import (
     AdaptersRootDep,
     AdminDep,
+    BudgetedTenantDep,
     ClientDep,
     ConfigDep,
     DataDirDep,
@@ -248,7 +249,7 @@ async def delete_file(file_id: str, tenant: MeteredTenantDep, store: StoreDep) -
 
 
 @router.post("/v1/fine_tuning/jobs", openapi_extra=openapi_body(finetune.CreateJob))
-async def create_fine_tuning_job(request: Request, tenant: MeteredTenantDep, store: StoreDep, cfg: ConfigDep) -> dict:
+async def create_fine_tuning_job(request: Request, tenant: BudgetedTenantDep, store: StoreDep, cfg: ConfigDep) -> dict:
     req = finetune.parse_job(await read_body(request, cfg.gateway.max_body_bytes))
     return await run_in_threadpool(lambda: finetune.create_job(req, store=store, cfg=cfg, tenant=tenant))
 

@@ -173,6 +173,12 @@ class RedisLimiter(Reports):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def charge_once(self, key: str, tenant: str, cost_usd: float) -> None:
+        """Add a cost from the ledger (a fine-tuning job) to the shared budgets once, whichever gateway reads it
+        first: the key is claimed in Redis before the charge."""
+        if cost_usd and await self.redis.set(f"lorafleet:charged:{key}", 1, nx=True, ex=40 * 86400):
+            await self._charge((tenant, "", 0, round(cost_usd * NANO), self.wall()))
+
     async def _charge(self, charge: tuple) -> None:
         tenant, lease, tokens, nano, at = charge
         when = datetime.fromtimestamp(at, UTC)

@@ -444,7 +444,18 @@ class Store:
             for r in rows:
                 s.add(UsageRow(tenant=r["tenant"], model=r["model"], version=r.get("version"), requests=r["requests"],
                                prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],
+                               trained_tokens=r.get("trained_tokens", 0),
                                cost_nano_usd=r["cost_nano_usd"] if "cost_nano_usd" in r else round(r["cost_usd"] * NANO)))  # fmt: skip
+
+    def training_usage(self, after: int = 0) -> list[UsageRow]:
+        """Ledger rows of fine-tuning jobs (trained tokens) with an id above `after`, oldest first."""
+        with self.tx() as s:
+            q = select(UsageRow).where(UsageRow.id > after, UsageRow.trained_tokens > 0).order_by(UsageRow.id)
+            return list(s.scalars(q))
+
+    def last_usage_id(self) -> int:
+        with self.tx() as s:
+            return int(s.scalar(select(func.coalesce(func.max(UsageRow.id), 0))))
 
     def usage_by_model(self, tenant: str) -> dict[tuple[str, str | None], int]:
         """A tenant's requests per (model it asked for, version that answered): the aliases' split as billed."""

@@ -78,6 +78,8 @@ def test_a_job_runs_to_a_registered_version_granted_to_its_tenant(setup):
     done = store.job(jid)
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == f"ft:tiny-base:acme:t:{jid}" and done.trained_tokens > 0
+    (billed,) = store.training_usage()  # the ledger holds what it trained (free here: no training price)
+    assert billed.tenant == "acme" and billed.version == jid and billed.trained_tokens == done.trained_tokens
     (version,) = store.versions(done.fine_tuned_model)
     assert version.owner == "acme" and version.source == jid and validate_adapter(version.path) == []
     assert store.alias(done.fine_tuned_model).targets == [{"version": version.id, "weight": 1.0}]

@@ -39,9 +39,11 @@ def gw(fake_engine, tiny_adapter_root, tmp_path, monkeypatch):
             tenant("globex", ["fake-base", "shared-a"]),
             tenant("tight", ["*"], rpm=3),
             tenant("single", ["*"], fine_tuning_jobs=2, storage_bytes=2 * len(JSONL)),
+            tenant("budget", ["*"], usd_per_day=0.001),
         ],  # fmt: skip
         [{"name": "shared-a", "path": "shared-a", "base": "fake-base"}],
         adapters_root=root,
+        prices={"fake-base": {"input": 0.1, "output": 0.2, "training": 5.0}},
         store_url=f"sqlite:///{tmp_path / 'store.db'}",
         store_poll_s=0.1,
         max_tokens_cap=CAP,
@@ -302,6 +304,19 @@ def test_7_a_tenant_has_a_cap_on_stored_bytes(gw):
     r = call(gw, "POST", "/v1/files", "single", files={"file": ("t.jsonl", JSONL)}, data={"purpose": "fine-tune"})
     assert error(r, 429)["code"] == "quota_exceeded"
     assert len(store_of(gw).files("single")) == 2
+
+
+def test_7_training_is_billed_into_the_ledger_metrics_and_budgets(gw):
+    from tests.serve.conftest import scrape
+
+    job = store_of(gw).job(create_job(gw, "budget").json()["id"])
+    Worker(store_of(gw), gw.cfg, name="w").bill(job, 1000)  # 1,000 trained tokens at $5 per 1M
+    assert store_of(gw).usage_totals()["budget"]["cost_nano_usd"] == 5_000_000
+    assert wait_until(lambda: gw.gateway.tenants.tenants["budget"].usage.cost_nano_usd == 5_000_000)
+    assert scrape(gw.url, "lorafleet_tokens_total", tenant="budget", kind="trained") == 1000
+    assert scrape(gw.url, "lorafleet_cost_usd_total", tenant="budget") == pytest.approx(0.005)
+    err = error(create_job(gw, "budget", training_file=job.training_file), 429)  # $0.005 of a $0.001 day
+    assert err["code"] == "insufficient_quota"
 
 
 def test_7_files_and_jobs_routes_count_against_rpm(gw):
