@@ -25,6 +25,7 @@ from serve.config import GatewayConfig, Price, TenantConfig
 from serve.gateway.bodies import CLIENT_CLOSED, read_body
 from serve.gateway.limits import Limiter
 from serve.gateway.metrics import Metrics
+from serve.gateway.metrics import model_label as metric_label
 from serve.gateway.protocol import (
     ApiError,
     Kind,
@@ -172,7 +173,7 @@ class Proxy:
             if model is None or not tenant.may_use(preq.model):
                 # labelled as an unknown model: /metrics must not tell a prober which names exist
                 raise model_not_found(preq.model)
-            model_label = preq.model
+            model_label = metric_label(preq.model)
             decision = await self.limiter.acquire(tenant.name, tenant.limits)
             if not decision.ok:
                 self.m.ratelimited.labels(tenant.name, decision.limit).inc()
@@ -186,7 +187,7 @@ class Proxy:
         model.inflight += 1  # an alias's old version is unloaded only when this reaches 0
         if model.name != preq.model:  # an alias: the engine knows the version by its own name
             preq.body = preq.for_engine(model.name)
-            self.m.alias_requests.labels(preq.model, model.name).inc()
+            self.m.alias_requests.labels(metric_label(preq.model), metric_label(model.name)).inc()
         ctx = Context(tenant, model, preq, time.perf_counter(), label=preq.model, lease=decision.lease)
         return ProxyResponse(self, ctx)
 
@@ -297,6 +298,7 @@ class Proxy:
 
     def finish(self, ctx: Context) -> None:
         tenant, model, m = ctx.tenant.name, ctx.label or ctx.model.name, self.m
+        shown = metric_label(model)
         ctx.model.inflight -= 1
         code = ctx.code if ctx.completed or ctx.code not in (0, 200) else CLIENT_CLOSED
         usage = ctx.usage or {}
@@ -310,19 +312,19 @@ class Proxy:
         if ctx.replica is not None:
             ctx.replica.inflight -= 1
         m.inflight.labels(tenant).dec()
-        m.requests.labels(tenant, model, str(code)).inc()
-        m.request_seconds.labels(tenant, model).observe(time.perf_counter() - ctx.t0)
+        m.requests.labels(tenant, shown, str(code)).inc()
+        m.request_seconds.labels(tenant, shown).observe(time.perf_counter() - ctx.t0)
         if ctx.ttft is not None:
-            m.ttft.labels(tenant, model).observe(ctx.ttft)
+            m.ttft.labels(tenant, shown).observe(ctx.ttft)
         if ctx.gaps:
-            itl = m.itl.labels(tenant, model)
+            itl = m.itl.labels(tenant, shown)
             for gap in ctx.gaps:
                 itl.observe(gap)
         ctx.tenant.usage.requests += 1
         if prompt or completion:
-            m.tokens.labels(tenant, model, "prompt").inc(prompt)
-            m.tokens.labels(tenant, model, "completion").inc(completion)
-            m.cost.labels(tenant, model).inc(cost)
+            m.tokens.labels(tenant, shown, "prompt").inc(prompt)
+            m.tokens.labels(tenant, shown, "completion").inc(completion)
+            m.cost.labels(tenant, shown).inc(cost)
             u = ctx.tenant.usage
             nano = round(cost * NANO)
             u.prompt_tokens, u.completion_tokens, u.cost_nano_usd = (

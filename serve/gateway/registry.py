@@ -28,7 +28,7 @@ from typing import Literal
 import httpx
 
 from serve.config import ServeConfig, merged_group
-from serve.gateway.metrics import Metrics
+from serve.gateway.metrics import Metrics, model_label
 from serve.gateway.protocol import ApiError
 from serve.store.store import version_id
 
@@ -307,7 +307,7 @@ class Registry:
         if not idle:
             return  # all busy: vLLM's own cache copes; the next load tries again
         victim = min(idle, key=lambda n: replica.used.get(n, 0.0))
-        self.metrics.adapter_loads.labels(adapter_of(victim), "evicted").inc()
+        self.metrics.adapter_loads.labels(model_label(adapter_of(victim)), "evicted").inc()
         log.info("engine %s holds %d adapters (max_cpu_loras): unloading %s, the least recently used",
                  replica.name, room, victim)  # fmt: skip
         await self._unload_from(replica, victim)
@@ -319,15 +319,15 @@ class Registry:
         try:
             resp = await self.client.post(f"{replica.url}/v1/load_lora_adapter", json=body)
         except httpx.HTTPError:
-            self.metrics.adapter_loads.labels(model.adapter, "error").inc()
+            self.metrics.adapter_loads.labels(model_label(model.adapter), "error").inc()
             raise  # the caller fails over to another replica
         # After a gateway restart the engine may still hold it: vLLM then answers 400 "already been loaded".
         ok = resp.status_code == 200 or (resp.status_code == 400 and "already been loaded" in resp.text)
-        self.metrics.adapter_loads.labels(model.adapter, "ok" if ok else "error").inc()
+        self.metrics.adapter_loads.labels(model_label(model.adapter), "ok" if ok else "error").inc()
         if not ok:
             log.error("engine %s refused adapter %s: %s %s", replica.name, model.name, resp.status_code, resp.text)
             raise ApiError(502, "the engine could not load the adapter", "server_error", code="adapter_load_failed")
-        self.metrics.adapter_load_seconds.labels(model.adapter).observe(time.perf_counter() - t0)
+        self.metrics.adapter_load_seconds.labels(model_label(model.adapter)).observe(time.perf_counter() - t0)
         replica.loaded.add(model.name)
 
     def forget_loaded(self, replica: Replica, adapter: str) -> None:

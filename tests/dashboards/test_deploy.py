@@ -143,6 +143,16 @@ def test_gpu_is_reserved_on_the_default_service_and_dropped_for_cpu():
     assert load_compose("compose.cpu.yaml")["services"]["lorafleet"]["deploy"] is None  # !reset
 
 
+def test_prometheus_carries_the_default_configs_metrics_key():
+    """The default gateway's /metrics is closed (it names every tenant); the Prometheus beside it has its key."""
+    from serve.gateway.tenants import hash_key
+
+    serve = yaml.safe_load((ROOT / "serve" / "default.yaml").read_text())
+    prom = yaml.safe_load((ROOT / "dashboards" / "prometheus" / "prometheus.yml").read_text())
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "lorafleet-gateway")
+    assert hash_key(job["authorization"]["credentials"]) == serve["gateway"]["metrics_key_hash"]
+
+
 def test_scrape_targets_match_the_default_serve_config():
     """prometheus.yml scrapes the ports `lorafleet serve` uses by default (serve/default.yaml)."""
     serve = yaml.safe_load((ROOT / "serve" / "default.yaml").read_text())

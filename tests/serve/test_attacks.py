@@ -10,6 +10,7 @@ import threading
 
 import httpx
 import pytest
+from sqlalchemy.exc import DataError
 
 from lorafleet.worker import Worker
 from serve.gateway.app import ServerThread, create_app
@@ -184,6 +185,17 @@ def test_3_star_never_reaches_another_tenants_fine_tuned_models(gw):
     listed = [m["id"] for m in call(gw, "GET", "/v1/models").json()["data"]]
     assert name not in listed and version not in listed and {"fake-base", "shared-a"} <= set(listed)
     assert chat(gw, "shared-a", "acme").status_code == 200  # shared models stay in '*'
+
+
+# -- 11. what /metrics tells
+
+
+def test_11_metrics_labels_name_no_job(gw):
+    name = "ft:fake-base:globex:x:ftjob-0123456789abcdef01234567"
+    owned_version(gw, "theirs-a", "globex", name)
+    assert wait_until(lambda: chat(gw, name, "globex").status_code == 200)
+    text = httpx.get(f"{gw.url}/metrics").text
+    assert "ftjob-" not in text and 'model="ft:fake-base:globex:x"' in text
 
 
 # -- 4. one poison job
@@ -375,3 +387,28 @@ def test_9_crafted_inputs_get_4xx(gw):
 def test_10_a_request_without_max_tokens_gets_the_cap(gw, fake_engine):
     assert chat(gw, "fake-base").status_code == 200
     assert fake_engine.state.bodies[-1]["max_tokens"] == CAP
+
+
+# -- 13. PostgreSQL's column widths
+
+
+def test_13_long_names_on_postgresql_are_400_and_leave_nothing(fake_engine, tiny_adapter_root, postgres, tmp_path,
+                                                               monkeypatch):  # fmt: skip
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path))
+    url = postgres.fresh_database("attacks13")
+    cfg = config([{"name": "fake", "model": TINY, "served_name": "fake-base", "urls": [fake_engine.url]}],
+                 [tenant("acme", ["*"])], adapters_root=tiny_adapter_root, store_url=url)  # fmt: skip
+    server = ServerThread(create_app(cfg), port=free_port()).start()
+    try:
+        r = call(server, "POST", "/v1/files", files={"file": ("n" * 600, JSONL)}, data={"purpose": "fine-tune"})
+        assert error(r, 400)["param"] == "file"
+        assert error(call(server, "PUT", "/admin/aliases/" + "a" * 300, "admin",
+                          json={"targets": [{"version": "x"}]}), 400)["param"] == "name"  # fmt: skip
+        body = {"adapter": "v" * 64, "path": "tiny-a", "base": "fake-base"}  # id: 64 characters + @ + digest
+        assert call(server, "POST", "/admin/versions", "admin", json=body).status_code == 201
+        store = server.gateway.store
+        with pytest.raises(DataError):  # past the API's check, the database refuses: no file is left behind
+            store.add_file("acme", "fine-tune", "n" * 600, JSONL, tmp_path / "orphans", 6)
+        assert list((tmp_path / "orphans").iterdir()) == []
+    finally:
+        server.stop()
