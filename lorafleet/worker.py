@@ -40,6 +40,7 @@ STALE_S = 30.0  # a running job whose heartbeat is older than this lost its work
 MAX_ATTEMPTS = 2
 STORE_RETRY_S = 2.0  # between tries while the state store is unreachable
 STEP_EVENTS = 20  # about this many step events per job, whatever its length
+STORE_ENV = "LORAFLEET_STORE_URL"  # the store a worker process started by `lorafleet serve` uses
 
 
 class Cancelled(Exception):
@@ -365,6 +366,47 @@ class Worker:
                              f"required {gate['min_gain']:+.1%}", level="warn")  # fmt: skip
 
 
+class WorkerProcess:
+    """The worker beside `lorafleet serve`, in a process of its own, started again if it dies: a tenant's files,
+    scorer and training never run inside the gateway's process, so nothing in them can stall its requests
+    (tests/lorafleet/test_worker.py)."""
+
+    RESTART_S = 2.0
+
+    def __init__(self, config: str | None, store_url: str):
+        self.cmd = [sys.executable, "-m", "lorafleet.cli", "worker", *([config] if config else [])]
+        self.env = {**os.environ, STORE_ENV: store_url}  # not on the command line: a URL may hold a password
+        self.proc: subprocess.Popen | None = None
+        self.stop = threading.Event()
+        self.restarts = 0
+
+    def start(self) -> WorkerProcess:
+        self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
+        threading.Thread(target=self._watch, daemon=True, name="lorafleet-worker-watch").start()
+        return self
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.5):
+            if self.proc.poll() is not None:
+                print(f"==> fine-tuning worker exited ({self.proc.returncode}); starting it again", flush=True)
+                self.stop.wait(self.RESTART_S)
+                if not self.stop.is_set():
+                    self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
+                    self.restarts += 1
+
+    def close(self, timeout: float = 15.0) -> None:
+        """SIGTERM: the worker stops its training child and ends; SIGKILL if it does not in `timeout`."""
+        self.stop.set()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
 def _train_child(spec: Path) -> int:
     """The child process: one training run, each step reported as an `@step {json}` line."""
     from lorafleet.core.errors import UserError
@@ -390,8 +432,9 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    store = Store.open(args.store or cfg.gateway.store_url, data_dir())
+    store = Store.open(args.store or os.environ.get(STORE_ENV) or cfg.gateway.store_url, data_dir())
     worker = Worker(store, cfg)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())  # ends the loop, and kills a training child
     print(f"lorafleet worker {worker.name}: waiting for fine-tuning jobs in {store.url}", flush=True)
     try:
         worker.run_forever()

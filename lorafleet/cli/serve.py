@@ -18,7 +18,7 @@ import threading
 from lorafleet.benches import gateway as bench
 from lorafleet.benches import soak
 from lorafleet.core.errors import UserError
-from lorafleet.worker import Worker
+from lorafleet.worker import Worker, WorkerProcess
 from serve.config import load_config
 from serve.engines.deploy import configured_adapters, engine_specs, log_dir
 from serve.engines.supervisor import Supervisor
@@ -99,12 +99,18 @@ def _check(argv: list[str]) -> int:
     return 0
 
 
-def start_worker(store, cfg) -> Worker:
-    """The fine-tuning worker beside the gateway, on the gateway's own store (so `memory` works too)."""
-    worker = Worker(store, cfg)
-    threading.Thread(target=worker.run_forever, daemon=True, name="lorafleet-worker").start()
-    print(f"==> fine-tuning worker {worker.name} on {store.url}", flush=True)
-    return worker
+def start_worker(store, cfg, config: str | None) -> WorkerProcess | Worker:
+    """The fine-tuning worker beside the gateway: a process of its own on the gateway's store. A `memory` store
+    lives in this process only, so there the worker is a thread (tests and trials; a tenant's scorer then runs
+    here, bounded by its time limit per match)."""
+    if store.url == "memory":
+        worker = Worker(store, cfg)
+        threading.Thread(target=worker.run_forever, daemon=True, name="lorafleet-worker").start()
+        print(f"==> fine-tuning worker {worker.name} in this process (store: memory; a shared store runs it in a "
+              "process of its own)", flush=True)  # fmt: skip
+        return worker
+    print(f"==> fine-tuning worker process on {store.url}", flush=True)
+    return WorkerProcess(config, store.url).start()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -135,11 +141,13 @@ def _serve(config: str | None, args: argparse.Namespace) -> int:
         for name, seconds in supervisor.start_all().items():
             print(f"==> engine {name} ready in {seconds:.0f} s; its vLLM metrics: {specs[name].url}/metrics")
         app = create_app(cfg, adapters, supervisor)
-        worker = None if args.no_worker else start_worker(app.state.gateway.store, cfg)
+        worker = None if args.no_worker else start_worker(app.state.gateway.store, cfg, config)
         print(f"==> gateway on http://{host}:{port}/v1 (metrics: /metrics); Ctrl-C stops everything", flush=True)
         uvicorn.Server(uvicorn_config(app, host, port)).run()
     finally:
-        if worker is not None:
+        if isinstance(worker, WorkerProcess):
+            worker.close()
+        elif worker is not None:
             worker.stop.set()
         supervisor.stop_all()
     return 0

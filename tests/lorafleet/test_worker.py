@@ -157,3 +157,38 @@ def test_a_crashed_workers_job_is_retried_once_then_failed(setup):
     assert failed.status == "failed" and failed.error["code"] == "worker_lost"
     messages = [e.message for e in store.events(jid, limit=50)[0]]
     assert any("queued again" in m for m in messages) and any("not retried" in m for m in messages)
+
+
+def test_the_serve_worker_is_a_process_started_again_if_it_dies(setup, tmp_path):
+    """`lorafleet serve` runs the worker in a process of its own (WorkerProcess): it validates and claims jobs
+    from the shared store, comes back when killed, and ends with the gateway."""
+    import os
+    import signal
+
+    import yaml
+
+    from lorafleet.worker import WorkerProcess
+
+    cfg, store, train, _ = setup
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
+    jid = job(cfg, store, train, validate=False)
+    worker = WorkerProcess(str(path), store.url).start()
+    try:
+        assert wait(lambda: store.job(jid).status != "validating_files", 90), "the worker process never ran"
+        first = worker.proc.pid
+        os.killpg(first, signal.SIGKILL)
+        assert wait(lambda: worker.proc.pid != first and worker.proc.poll() is None, 30)
+        assert worker.restarts == 1
+    finally:
+        worker.close()
+    assert worker.proc.poll() is not None
+
+
+def wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
