@@ -138,7 +138,9 @@ class EngineProcess:
 
 
 def ask(gw: ServerThread, model: str) -> httpx.Response:
-    return httpx.post(f"{gw.url}/v1/chat/completions", json={"model": model, "messages": MSG}, headers=AUTH)
+    return httpx.post(
+        f"{gw.url}/v1/chat/completions", json={"model": model, "messages": MSG, "max_tokens": 5}, headers=AUTH
+    )
 
 
 def read_stream(gw: ServerThread, model: str, first: threading.Event, out: list) -> None:
