@@ -389,6 +389,18 @@ def test_10_a_request_without_max_tokens_gets_the_cap(gw, fake_engine):
     assert fake_engine.state.bodies[-1]["max_tokens"] == CAP
 
 
+# -- 12. errors in the caller's terms
+
+
+def test_12_an_engine_error_names_the_alias_not_the_version_behind_it(gw, fake_engine):
+    version = owned_version(gw, "theirs-a", "globex", "ft:fake-base:globex::ftjob-5")
+    body = {"targets": [{"version": version}], "tenants": ["globex"]}
+    assert call(gw, "PUT", "/admin/aliases/support", "admin", json=body).status_code == 200
+    fake_engine.stop()
+    err = error(chat(gw, "support", "globex"), 503)
+    assert "'support'" in err["message"] and "ftjob" not in err["message"] and "@" not in err["message"], err
+
+
 # -- 13. PostgreSQL's column widths
 
 
