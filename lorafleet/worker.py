@@ -47,6 +47,10 @@ class Cancelled(Exception):
     pass
 
 
+class Stopped(Exception):
+    """The worker is shutting down (lorafleet serve stops): the job goes back to the queue, not to `cancelled`."""
+
+
 class JobFailed(Exception):
     def __init__(self, code: str, message: str, param: str | None = None):
         super().__init__(message)
@@ -217,6 +221,9 @@ class Worker:
         except Cancelled:
             self.store.update_job(job.id, status="cancelled")
             self.store.event(job.id, "Fine-tuning job cancelled")
+        except Stopped:  # a restart of the service must not end a tenant's job: it starts over on the next worker
+            self.store.update_job(job.id, status="queued", worker=None)
+            self.store.event(job.id, f"Worker {self.name} stopped; the job was queued again", level="warn")
         except JobFailed as e:
             self.store.update_job(job.id, status="failed", error=e.error)
             self.store.event(job.id, f"Fine-tuning job failed: {e}", level="error")
@@ -245,10 +252,11 @@ class Worker:
         reader = threading.Thread(target=self._read, args=(job, proc, lines), daemon=True)
         reader.start()
         while proc.poll() is None:
-            if not self.store.heartbeat(job.id) or self.stop.is_set():
+            cancelled = not self.store.heartbeat(job.id)
+            if cancelled or self.stop.is_set():
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                raise Cancelled()
+                raise Cancelled() if cancelled else Stopped()
             time.sleep(HEARTBEAT_S)
         reader.join(timeout=5)
         if proc.returncode != 0:
@@ -313,8 +321,11 @@ class Worker:
         """The trained tokens into the ledger at the base model's training price (the tenant's own, if it has one);
         the gateways read them from there into Prometheus and the tenant's $ budgets (Gateway.read_training)."""
         tenant = next((t for t in self.cfg.tenants if t.name == job.tenant), None)
-        price = self.cfg.price(job.model, None, tenant)
-        nano = round(price.training_cost(tokens) * NANO)
+        # the tenant's own training price if it has one, else the list's: an override of only input/output
+        # prices must not make training free
+        tables = [tenant.prices if tenant else {}, self.cfg.prices]
+        rate = next((p.usd_per_1m_training for t in tables if (p := t.get(job.model)) and p.usd_per_1m_training), 0)
+        nano = round(tokens * rate / 1e6 * NANO)
         self.store.record_usage([{"tenant": job.tenant, "model": job.model, "version": job.id, "requests": 0,
                                   "prompt_tokens": 0, "completion_tokens": 0, "trained_tokens": tokens,
                                   "cost_nano_usd": nano}])  # fmt: skip

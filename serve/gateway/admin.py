@@ -74,6 +74,7 @@ async def register_adapter(
     folder = await _servable_folder(root, req.path, engine)
     version = await asyncio.to_thread(_persist, store, req, folder)
     registry.add_named(req.name, folder, req.base, version)
+    tenants.restrict(req.name, req.tenants)  # with a tenant list, for those tenants only
     tenants.grant(req.name, req.tenants)
     return {"name": req.name, "base": req.base, "path": str(folder), "tenants": req.tenants, "version": version}
 
@@ -206,7 +207,7 @@ async def create_version(
     v = await asyncio.to_thread(store.add_version, req.adapter, folder, req.base, req.owner, "admin")
     if v.id not in registry.models:
         registry.add_adapter(v.id, Path(v.path), v.base)
-    tenants.set_owner(v.id, v.owner)
+    tenants.restrict(v.id, [v.owner] if v.owner else None)
     return version_object(v)
 
 
@@ -246,7 +247,10 @@ async def point_alias(name: str, req: PointAlias, *, registry: Registry, tenants
         await asyncio.to_thread(store.revoke, name, gone)
         tenants.revoke(name, gone)
     registry.set_alias(name, pairs, bases.pop())
-    tenants.set_owner(name, next((v.owner for v in versions if v.owner), None))
+    for v in versions:
+        tenants.restrict(v.id, [v.owner] if v.owner else None)
+    owners = [v.owner for v in versions if v.owner]
+    tenants.restrict(name, req.tenants or owners)  # with a tenant list, for those tenants only
     tenants.grant(name, req.tenants)
     return alias_object(row, store)
 

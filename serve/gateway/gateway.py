@@ -80,17 +80,19 @@ class Gateway:
         self.sync_models()
 
     async def read_training(self) -> None:
-        """Fine-tuning jobs the workers billed since the last look: into Prometheus, the usage and the budgets."""
+        """Fine-tuning jobs the workers billed since the last look: into the tenant's $ budgets, its usage and (from
+        the one gateway that charged it first) Prometheus. A row is passed only once it is charged: a Redis outage
+        leaves it for the next round."""
         rows = await asyncio.to_thread(self.store.training_usage, self.trained_seen)
         for row in rows:
-            self.trained_seen = max(self.trained_seen, row.id)
             tenant = self.tenants.tenants.get(row.tenant)
-            if tenant is None:
-                continue
-            tenant.usage.cost_nano_usd += row.cost_nano_usd
-            self.metrics.tokens.labels(row.tenant, row.model, "trained").inc(row.trained_tokens)
-            self.metrics.cost.labels(row.tenant, row.model).inc(row.cost_nano_usd / NANO)
-            await self.limiter.charge_once(f"usage-{row.id}", row.tenant, row.cost_nano_usd / NANO)
+            if tenant is not None:
+                first = await self.limiter.charge_once(f"usage-{row.id}", row.tenant, row.cost_nano_usd / NANO)
+                tenant.usage.cost_nano_usd += row.cost_nano_usd
+                if first:  # summed over gateways, the counters show each job once
+                    self.metrics.tokens.labels(row.tenant, row.model, "trained").inc(row.trained_tokens)
+                    self.metrics.cost.labels(row.tenant, row.model).inc(row.cost_nano_usd / NANO)
+            self.trained_seen = row.id
 
     def flush_usage(self) -> None:
         """Append what was metered since the last flush to the ledger; its sum is always the running total."""
@@ -127,13 +129,13 @@ class Gateway:
         for v in versions:
             if v.id not in reg.models and self.cfg.engine_for(v.base) is not None:
                 reg.add_adapter(v.id, Path(v.path), v.base)
-            self.tenants.set_owner(v.id, v.owner)
+            self.tenants.restrict(v.id, [v.owner] if v.owner else None)
         for a in aliases:
             targets = [(t["version"], float(t["weight"])) for t in a.targets]
             if a.name in reg.models or not all(v in reg.models for v, _ in targets):  # a base or merged model
                 continue
-            # an alias serving a tenant's own versions is that tenant's: outside every other tenant's '*'
-            self.tenants.set_owner(a.name, next((owner[v] for v, _ in targets if owner.get(v)), None))
+            # an alias with a tenant list, or serving a tenant's own versions, is theirs only: outside '*'
+            self.tenants.restrict(a.name, a.tenants or [owner[v] for v, _ in targets if owner.get(v)])
             granted = [t.name for t in self.tenants.tenants.values() if a.name in t.models]
             self.tenants.revoke(a.name, [t for t in granted if t not in a.tenants])  # another gateway revoked it
             current = reg.aliases.get(a.name)

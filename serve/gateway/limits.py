@@ -196,12 +196,14 @@ class Limiter(Reports):
             for period in PERIODS:
                 s.spent[period] = (period_of(period, when), self._spent(s, period, when) + cost_usd)
 
-    async def charge_once(self, key: str, tenant: str, cost_usd: float) -> None:
-        """Add a cost that came from elsewhere (a fine-tuning job in the ledger) to the tenant's budgets."""
+    async def charge_once(self, key: str, tenant: str, cost_usd: float) -> bool:
+        """Add a cost that came from elsewhere (a fine-tuning job in the ledger) to the tenant's budgets; True:
+        this limiter is the one that charged it (here, always: it is this gateway's own)."""
         if cost_usd:
             s, when = self._state(tenant), datetime.fromtimestamp(self.wall(), UTC)
             for period in PERIODS:
                 s.spent[period] = (period_of(period, when), self._spent(s, period, when) + cost_usd)
+        return True
 
     def spend(self, tenant: str) -> dict[str, float]:
         """$ spent in the current UTC day and month."""

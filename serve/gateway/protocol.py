@@ -142,8 +142,9 @@ def _prompts(prompt: Any) -> int:
 def parse_request(raw: bytes, kind: Kind, max_tokens_cap: int, max_n: int | None = None) -> ProxyRequest:
     """Check a /v1/chat/completions or /v1/completions body; raise ApiError(400) naming the bad field.
 
-    The engine always gets a `max_tokens` (the cap when the client sent none) and, when streaming, the usage
-    options metering needs (tests/serve/test_attacks.py: no request is generated unbounded or unbilled)."""
+    A chat request always gets a `max_tokens` (the cap when the client sent none; completions default to 16, as on
+    OpenAI) and, when streaming, the usage options metering needs (tests/serve/test_attacks.py: no request is
+    generated unbounded or unbilled)."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, or an int of > 4300 digits
@@ -182,8 +183,8 @@ def parse_request(raw: bytes, kind: Kind, max_tokens_cap: int, max_n: int | None
     if user is not None and not isinstance(user, str):
         raise bad_request(f"user must be a string, got {json.dumps(user)[:50]}", param="user")
     changed = False
-    if max_tokens is None:  # else the engine's default: the whole context, past every cap
-        data["max_tokens"], max_tokens, changed = max_tokens_cap, max_tokens_cap, True
+    if max_tokens is None and kind == "chat":  # else vLLM's chat default: the whole context, past every cap
+        data["max_tokens"], max_tokens, changed = max_tokens_cap, max_tokens_cap, True  # vLLM clamps to the context
     if stream and not (options.get("include_usage") is True and options.get("continuous_usage_stats") is True):
         # Metering needs the engine's usage on every chunk (an aborted stream is charged what it got) and its final
         # usage chunk, whatever the client asked: both are stripped again unless the client asked for them.
@@ -218,7 +219,10 @@ class PointAlias(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     targets: list[Target] = Field(min_length=1, description="one version, or a weighted split summing to 1")
-    tenants: list[str] = Field([], description="tenants that may send this alias as `model`")
+    tenants: list[str] = Field(
+        [],
+        description="the tenants that may send this alias as `model` (the whole list); empty: every tenant allowed '*'",
+    )
 
 
 class RegisterAdapter(BaseModel):
@@ -228,7 +232,7 @@ class RegisterAdapter(BaseModel):
     name: Name = Field(description="the model name clients will send")
     path: str = Field(description="adapter folder, relative to the adapters root (or absolute inside it)")
     base: str = Field(description="served name of the base model")
-    tenants: list[str] = Field([], description="tenants that may use it (besides those allowed '*')")
+    tenants: list[str] = Field([], description="tenants that may use it; empty: every tenant allowed '*'")
 
 
 class SetReplicas(BaseModel):

@@ -173,11 +173,14 @@ class RedisLimiter(Reports):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def charge_once(self, key: str, tenant: str, cost_usd: float) -> None:
+    async def charge_once(self, key: str, tenant: str, cost_usd: float) -> bool:
         """Add a cost from the ledger (a fine-tuning job) to the shared budgets once, whichever gateway reads it
-        first: the key is claimed in Redis before the charge."""
-        if cost_usd and await self.redis.set(f"lorafleet:charged:{key}", 1, nx=True, ex=40 * 86400):
+        first: the key is claimed in Redis before the charge. True for that gateway. Raises while Redis is away."""
+        if not await self.redis.set(f"lorafleet:charged:{key}", 1, nx=True, ex=40 * 86400):
+            return False
+        if cost_usd:
             await self._charge((tenant, "", 0, round(cost_usd * NANO), self.wall()))
+        return True
 
     async def _charge(self, charge: tuple) -> None:
         tenant, lease, tokens, nano, at = charge

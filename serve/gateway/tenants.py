@@ -56,18 +56,23 @@ class Tenant:
     limits: Limits
     config: TenantConfig
     usage: Usage = field(default_factory=Usage)
-    private: dict[str, str] = field(default_factory=dict)  # the TenantStore's: model name -> the tenant owning it
+    restricted: dict[str, set[str]] = field(default_factory=dict)  # the TenantStore's: model -> who may use it
 
     def may_use(self, model: str) -> bool:
-        """A model granted by name; or, with '*', any shared model: never a version or fine-tuned model another
-        tenant owns (tests/serve/test_attacks.py)."""
-        return model in self.models or ("*" in self.models and model not in self.private)
+        """A model granted by name; or, with '*', any model not restricted to named tenants: never a version or
+        fine-tuned model another tenant owns, nor an alias the operator gave to others (tests/serve/test_attacks.py)."""
+        if model in self.models:
+            return True
+        allowed = self.restricted.get(model)
+        return self.name in allowed if allowed is not None else "*" in self.models
 
 
 class TenantStore:
     def __init__(self, tenants: list[TenantConfig]):
-        self.private: dict[str, str] = {}  # names of versions and aliases one tenant owns: outside every '*'
-        self.tenants = {t.name: Tenant(t.name, set(t.models), t.limits, t, private=self.private) for t in tenants}
+        # run-time models for named tenants only (a tenant's own versions, aliases with a tenant list): outside '*'
+        self.restricted: dict[str, set[str]] = {}
+        self.tenants = {t.name: Tenant(t.name, set(t.models), t.limits, t, restricted=self.restricted)
+                        for t in tenants}  # fmt: skip
         self._hashes = [(h, t.name) for t in tenants for h in t.api_key_hashes]
 
     def authenticate(self, key: str | None) -> Tenant | None:
@@ -91,8 +96,9 @@ class TenantStore:
             if tenant_names is None or (t.name in tenant_names and model not in t.config.models):
                 t.models.discard(model)
 
-    def set_owner(self, model: str, owner: str | None) -> None:
-        if owner is None:
-            self.private.pop(model, None)
+    def restrict(self, model: str, tenants: list[str] | set[str] | None) -> None:
+        """Who may use a run-time model besides explicit grants: these tenants only; None or empty: every '*'."""
+        if tenants:
+            self.restricted[model] = set(tenants)
         else:
-            self.private[model] = owner
+            self.restricted.pop(model, None)

@@ -20,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -192,6 +192,12 @@ class Store:
         """Point an alias at one version or a weighted split; the previous target goes to its history. With
         `owner` (a tenant's promotion), only an alias that is new or points only at that tenant's versions moves:
         checked in the same transaction as the write."""
+        try:
+            return self._set_alias(name, targets, tenants, owner)
+        except IntegrityError:  # two writers created the alias at once: the other one won
+            raise StoreError(f"alias {name!r} was just created by another request; try again") from None
+
+    def _set_alias(self, name: str, targets: list[dict], tenants: list[str] | None, owner: str | None) -> AliasRow:
         with self.tx() as s:
             self._check_targets(s, targets)
             row = s.get(AliasRow, name)

@@ -160,8 +160,9 @@ def test_a_crashed_workers_job_is_retried_once_then_failed(setup):
 
 
 def test_the_serve_worker_is_a_process_started_again_if_it_dies(setup, tmp_path):
-    """`lorafleet serve` runs the worker in a process of its own (WorkerProcess): it validates and claims jobs
-    from the shared store, comes back when killed, and ends with the gateway."""
+    """`lorafleet serve` runs the worker in a process of its own (WorkerProcess): it comes back when killed,
+    claims jobs from the shared store, and when the service stops, a running job goes back to the queue (a restart
+    must not end a tenant's job)."""
     import os
     import signal
 
@@ -172,17 +173,22 @@ def test_the_serve_worker_is_a_process_started_again_if_it_dies(setup, tmp_path)
     cfg, store, train, _ = setup
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
-    jid = job(cfg, store, train, validate=False)
     worker = WorkerProcess(str(path), store.url).start()
     try:
-        assert wait(lambda: store.job(jid).status != "validating_files", 90), "the worker process never ran"
         first = worker.proc.pid
         os.killpg(first, signal.SIGKILL)
         assert wait(lambda: worker.proc.pid != first and worker.proc.poll() is None, 30)
         assert worker.restarts == 1
+        body = {"model": "tiny-base", "training_file": train, "hyperparameters": {"n_epochs": 50, "batch_size": 1}}
+        acme = TenantStore(cfg.tenants).tenants["acme"]  # created beside the running worker: no status to assert
+        jid = create_job(CreateJob.model_validate(body), store=store, cfg=cfg, tenant=acme)["id"]
+        stepping = lambda: any(e.message.startswith("Step") for e in store.events(jid, limit=5)[0])  # noqa: E731
+        assert wait(stepping, 120), "the worker process never ran the job"
     finally:
         worker.close()
     assert worker.proc.poll() is not None
+    assert store.job(jid).status == "queued" and store.job(jid).worker is None
+    assert any("queued again" in e.message for e in store.events(jid, limit=5)[0])
 
 
 def wait(predicate, timeout: float) -> bool:

@@ -146,6 +146,7 @@ def test_1_an_alias_pointed_back_by_the_operator_revokes_who_was_left_out(gw):
     assert chat(gw, "prod", "globex").status_code == 200
     assert call(gw, "PUT", "/admin/aliases/prod", "admin", json={**body, "tenants": ["acme"]}).status_code == 200
     assert error(chat(gw, "prod", "globex"), 404)["code"] == "model_not_found"
+    assert error(chat(gw, "prod", "tight"), 404)["code"] == "model_not_found"  # '*' is not a way around the list
     assert "prod" not in store_of(gw).tenant_models()["globex"]  # gone from the store too: a restart keeps it gone
     assert chat(gw, "prod", "acme").status_code == 200
     assert mine  # acme's own version stays acme's
