@@ -246,8 +246,9 @@ class Worker:
         spec.write_text(json.dumps(train_config(job, paths, self.cfg, out)))
         cmd = [sys.executable, "-m", "lorafleet.worker", "_train", str(spec)]
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )  # fmt: skip
         lines: list[str] = []
         reader = threading.Thread(target=self._read, args=(job, proc, lines), daemon=True)
         reader.start()
@@ -375,6 +376,15 @@ class Worker:
         else:
             self.store.event(job.id, f"Not promoted to {gate['alias']!r}: gain {gain:+.1%} over the base is below the "
                              f"required {gate['min_gain']:+.1%}", level="warn")  # fmt: skip
+
+
+def _die_with_parent() -> None:
+    """In the trainer, before it runs: die when the worker does. A worker killed outright must not leave a trainer
+    running beside the one the next worker starts for the same job; its next line to the dead worker's pipe would
+    end it too, but a long stretch without one (scoring, the auto search) would not (tests/lorafleet/test_worker.py)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 class WorkerProcess:

@@ -21,7 +21,7 @@ from serve.config import Name, ServeConfig
 from serve.gateway.protocol import ApiError, bad_request, invalid_body
 from serve.gateway.tenants import Tenant
 from serve.store.schema import CheckpointRow, EventRow, FileRow, JobRow
-from serve.store.store import TERMINAL, Store
+from serve.store.store import TERMINAL, QuotaExceeded, Store
 from train.data import DataError, to_conversation
 
 PURPOSES = ("fine-tune",)  # what this gateway accepts; OpenAI's other purposes have no use here
@@ -87,11 +87,12 @@ def upload(store: Store, folder: Path, tenant: Tenant, purpose: str | None, file
     if len(data) > max_bytes:
         raise ApiError(413, f"file: over the {max_bytes}-byte limit", param="file", code="file_too_large")
     lines = check_jsonl(data, filename)
-    quota = tenant.limits.storage_bytes
-    if quota is not None and store.tenant_bytes(tenant.name) + len(data) > quota:
-        raise quota_exceeded(f"file: your files would take more than your {quota}-byte storage limit; delete some "
-                             "first (DELETE /v1/files/ID)", param="file")  # fmt: skip
-    return file_object(store.add_file(tenant.name, purpose, filename, data, folder / tenant.name, lines))
+    try:
+        row = store.add_file(tenant.name, purpose, filename, data, folder / tenant.name, lines,
+                             quota=tenant.limits.storage_bytes)  # fmt: skip
+    except QuotaExceeded as e:
+        raise quota_exceeded(f"file: {e}; delete some first (DELETE /v1/files/ID)", param="file") from None
+    return file_object(row)
 
 
 def quota_exceeded(message: str, param: str | None = None) -> ApiError:
@@ -212,20 +213,20 @@ def create_job(req: CreateJob, *, store: Store, cfg: ServeConfig, tenant: Tenant
     except (ValueError, TypeError) as e:
         raise bad_request(f"scorer: {e}", param="scorer") from None
     hyper = req.hyper()
-    cap = tenant.limits.fine_tuning_jobs
-    if cap is not None and store.active_jobs(tenant.name) >= cap:
-        raise quota_exceeded(f"you have {cap} fine-tuning jobs that have not ended, your limit; wait for one or "
-                             "cancel one")  # fmt: skip
     if req.promote_if is not None:
         refusal = alias_refusal(store, cfg, req.promote_if.alias, tenant.name)
         if refusal:
             raise bad_request(f"promote_if.alias: {refusal}", param="promote_if.alias", code="alias_taken")
-    row = store.create_job(
-        tenant=tenant.name, model=req.model, training_file=req.training_file, validation_file=req.validation_file,
-        suffix=req.suffix, seed=req.seed if req.seed is not None else 42, hyperparameters=hyper.model_dump(),
-        extra={"scorer": req.scorer, "promote_if": req.promote_if.model_dump() if req.promote_if else None},
-        status="validating_files",  # a worker checks the data (lorafleet.worker.Worker.validate), then queues it
-    )  # fmt: skip
+    try:
+        row = store.create_job(
+            max_active=tenant.limits.fine_tuning_jobs,
+            tenant=tenant.name, model=req.model, training_file=req.training_file, validation_file=req.validation_file,
+            suffix=req.suffix, seed=req.seed if req.seed is not None else 42, hyperparameters=hyper.model_dump(),
+            extra={"scorer": req.scorer, "promote_if": req.promote_if.model_dump() if req.promote_if else None},
+            status="validating_files",  # a worker checks the data (lorafleet.worker.Worker.validate), then queues it
+        )  # fmt: skip
+    except QuotaExceeded as e:
+        raise quota_exceeded(f"{e}; wait for one to end or cancel one") from None
     return job_object(row)
 
 

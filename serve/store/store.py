@@ -46,6 +46,10 @@ class StoreError(ValueError):
     """A write the store refuses (unknown version, bad split...); the message names what to fix."""
 
 
+class QuotaExceeded(StoreError):
+    """A tenant's cap on what it keeps here (bytes of files, jobs not ended) would be passed; nothing was written."""
+
+
 class StoreUnavailable(RuntimeError):
     """The database cannot be reached (down, restarting, network): retry later; nothing was written."""
 
@@ -266,13 +270,19 @@ class Store:
 
     # -- files
 
-    def add_file(self, tenant: str, purpose: str, filename: str, data: bytes, folder: Path, lines: int) -> FileRow:
+    def add_file(
+        self, tenant: str, purpose: str, filename: str, data: bytes, folder: Path, lines: int, quota: int | None = None
+    ) -> FileRow:
+        """Keep a file; with `quota`, only if the tenant's files stay within that many bytes (checked in the same
+        transaction, under a lock on the tenant's row where the database has one)."""
         fid = new_id("file")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / fid
         path.write_bytes(data)  # the bytes first: a row never points at a missing file
         try:
             with self.tx() as s:
+                if quota is not None and self._used_bytes(s, tenant) + len(data) > quota:
+                    raise QuotaExceeded(f"your files would take more than your {quota}-byte storage limit")
                 row = FileRow(id=fid, tenant=tenant, purpose=purpose, filename=filename, bytes=len(data),
                               path=str(path), lines=lines)  # fmt: skip
                 s.add(row)
@@ -306,21 +316,27 @@ class Store:
         Path(row.path).unlink(missing_ok=True)
         return True
 
-    def tenant_bytes(self, tenant: str) -> int:
-        """What a tenant's files take on disk, in bytes."""
-        with self.tx() as s:
-            return int(s.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.tenant == tenant)))
+    @staticmethod
+    def _lock_tenant(s: Session, tenant: str) -> None:
+        # Two requests of one tenant checking a cap at once: on PostgreSQL the second waits here for the first.
+        s.execute(select(TenantRow.name).where(TenantRow.name == tenant).with_for_update())
 
-    def active_jobs(self, tenant: str) -> int:
-        """A tenant's jobs that have not ended (validating, queued or running)."""
-        with self.tx() as s:
-            q = select(func.count()).select_from(JobRow).where(JobRow.tenant == tenant, JobRow.status.not_in(TERMINAL))
-            return int(s.scalar(q))
+    def _used_bytes(self, s: Session, tenant: str) -> int:
+        self._lock_tenant(s, tenant)
+        return int(s.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.tenant == tenant)))
+
+    def _active_jobs(self, s: Session, tenant: str) -> int:
+        self._lock_tenant(s, tenant)
+        q = select(func.count()).select_from(JobRow).where(JobRow.tenant == tenant, JobRow.status.not_in(TERMINAL))
+        return int(s.scalar(q))
 
     # -- fine-tuning jobs
 
-    def create_job(self, **fields: Any) -> JobRow:
+    def create_job(self, max_active: int | None = None, **fields: Any) -> JobRow:
+        """A new job; with `max_active`, only if the tenant has fewer jobs than that which have not ended."""
         with self.tx() as s:
+            if max_active is not None and self._active_jobs(s, fields["tenant"]) >= max_active:
+                raise QuotaExceeded(f"you have {max_active} fine-tuning jobs that have not ended, your limit")
             row = JobRow(id=new_id("ftjob"), **fields)
             s.add(row)
             s.flush()

@@ -190,6 +190,38 @@ def test_the_serve_worker_is_a_process_started_again_if_it_dies(setup, tmp_path)
     assert store.job(jid).status == "queued" and store.job(jid).worker is None
     assert any("queued again" in e.message for e in store.events(jid, limit=5)[0])
 
+    # a worker killed outright takes its trainer with it
+    worker = WorkerProcess(str(path), store.url).start()
+    try:
+        assert wait(lambda: trainers(jid) and store.job(jid).status == "running", 120)
+        (trainer,) = trainers(jid)
+        os.killpg(worker.proc.pid, signal.SIGKILL)  # the trainer has a session of its own: not in this group
+        assert wait(lambda: not os.path.exists(f"/proc/{trainer}") or "Z" in status_of(trainer), 15)
+    finally:
+        worker.close()
+
+
+def trainers(jid: str) -> list[int]:
+    """Pids of the trainer processes of a job (their command line names its spec file)."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"_train" in cmd and jid.encode() in cmd:
+            found.append(int(proc.name))
+    return found
+
+
+def status_of(pid: int) -> str:
+    try:
+        return next(line for line in open(f"/proc/{pid}/status") if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return "Z"
+
 
 def wait(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout

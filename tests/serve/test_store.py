@@ -130,3 +130,30 @@ def test_the_in_memory_store_takes_one_transaction_at_a_time_from_many_threads()
     assert errors == []
     assert sum(e.message.startswith("thread ") for e in store.events(jid, limit=1000)[0]) == 160
     store.close()
+
+
+def test_caps_hold_under_concurrent_requests_on_postgresql(postgres, tmp_path):
+    """Eight requests of one tenant at once against a cap of 2: the check and the insert are one transaction,
+    the tenant's row locked, so exactly two get through (a check before the write let all eight in)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve.store.store import QuotaExceeded
+
+    store = Store(postgres.fresh_database("caps"))
+    store.seed_tenants([{"name": "acme", "key_hashes": [], "models": []}])
+
+    def attempt(kind: str) -> bool:
+        try:
+            if kind == "job":
+                store.create_job(max_active=2, tenant="acme", model="base", training_file="f", status="queued")
+            else:
+                store.add_file("acme", "fine-tune", "t.jsonl", b"x" * 100, tmp_path, 1, quota=250)
+            return True
+        except QuotaExceeded:
+            return False
+
+    for kind in ("job", "file"):
+        with ThreadPoolExecutor(8) as pool:
+            assert sum(pool.map(attempt, [kind] * 8)) == 2, kind
+    assert len(store.files("acme")) == 2 and len(list(tmp_path.iterdir())) == 2  # the refused left no file
+    store.close()
