@@ -76,15 +76,16 @@ class Gateway:
             if name in self.tenants.tenants:
                 self.tenants.tenants[name].usage = Usage(u["requests"], u["prompt_tokens"], u["completion_tokens"],
                                                          u["cost_nano_usd"])  # fmt: skip
-        self.trained_seen = self.store.last_usage_id()  # the totals above hold every job billed so far
+        self.trained_floor = self.store.last_usage_id()  # the totals above hold every job billed up to here
+        self.trained_seen: set[int] = set()  # rows read since; ids may commit out of order, so not a high-water mark
         self.sync_models()
 
     async def read_training(self) -> None:
         """Fine-tuning jobs the workers billed since the last look: into the tenant's $ budgets, its usage and (from
         the one gateway that charged it first) Prometheus. A row is passed only once it is charged: a Redis outage
         leaves it for the next round."""
-        rows = await asyncio.to_thread(self.store.training_usage, self.trained_seen)
-        for row in rows:
+        rows = await asyncio.to_thread(self.store.training_usage, self.trained_floor)
+        for row in (r for r in rows if r.id not in self.trained_seen):
             tenant = self.tenants.tenants.get(row.tenant)
             if tenant is not None:
                 first = await self.limiter.charge_once(f"usage-{row.id}", row.tenant, row.cost_nano_usd / NANO)
@@ -92,7 +93,7 @@ class Gateway:
                 if first:  # summed over gateways, the counters show each job once
                     self.metrics.tokens.labels(row.tenant, row.model, "trained").inc(row.trained_tokens)
                     self.metrics.cost.labels(row.tenant, row.model).inc(row.cost_nano_usd / NANO)
-            self.trained_seen = row.id
+            self.trained_seen.add(row.id)
 
     def flush_usage(self) -> None:
         """Append what was metered since the last flush to the ledger; its sum is always the running total."""

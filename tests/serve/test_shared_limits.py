@@ -51,6 +51,21 @@ def test_rpm_is_one_count_across_gateways(redis):
     assert {d.limit for d in refused} == {"rpm"} and all(55 < d.retry_after <= 60 for d in refused)
 
 
+def test_a_fine_tuning_charge_read_by_two_gateways_is_charged_once(redis):
+    async def go():
+        a, b = RedisLimiter(redis.url, lease_s=60), RedisLimiter(redis.url, lease_s=60)
+        try:
+            firsts = [await a.charge_once("usage-7", "acme", 0.25), await b.charge_once("usage-7", "acme", 0.25)]
+            await a.refresh(["acme"])
+            return firsts, a.spend("acme"), (await b.acquire("acme", Limits(usd_per_day=0.2))).ok
+        finally:
+            await a.close()
+            await b.close()
+
+    firsts, spend, admitted = run(go())
+    assert firsts == [True, False] and spend["usd_this_day"] == 0.25 and not admitted
+
+
 def test_concurrency_slots_are_shared_and_a_dead_gateways_slots_expire(redis):
     async def go():
         a, b = RedisLimiter(redis.url, lease_s=60), RedisLimiter(redis.url, lease_s=0.5)
