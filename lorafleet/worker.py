@@ -325,8 +325,8 @@ class Worker:
         # the tenant's own training price if it has one, else the list's: an override of only input/output
         # prices must not make training free
         tables = [tenant.prices if tenant else {}, self.cfg.prices]
-        rate = next((p.usd_per_1m_training for t in tables if (p := t.get(job.model)) and p.usd_per_1m_training), 0)
-        nano = round(tokens * rate / 1e6 * NANO)
+        price = next((p for t in tables if (p := t.get(job.model)) and p.usd_per_1m_training), None)
+        nano = round(price.training_cost(tokens) * NANO) if price else 0
         self.store.record_usage([{"tenant": job.tenant, "model": job.model, "version": job.id, "requests": 0,
                                   "prompt_tokens": 0, "completion_tokens": 0, "trained_tokens": tokens,
                                   "cost_nano_usd": nano}])  # fmt: skip

@@ -19,7 +19,7 @@ from lorafleet.core.errors import UserError
 
 # A tenant's pattern runs on the tenant's texts: the `regex` engine stops a match that runs longer than this (and
 # releases the GIL while it runs), so a catastrophic pattern fails its job instead of freezing the process
-# (tests/lorafleet/test_core_scorers.py).
+# (tests/serve/test_attacks.py).
 REGEX_TIMEOUT_S = 1.0
 
 NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")

@@ -27,7 +27,7 @@ JOB_PARTS = re.compile(r":ftjob-[0-9a-f]+|:ckpt-step-\d+")
 def model_label(name: str) -> str:
     """A model as its metrics name it: a fine-tuned model without its job id and checkpoint, so /metrics names no
     job and its label set does not grow with every job (tests/serve/test_attacks.py)."""
-    return JOB_PARTS.sub("", name) if name.startswith("ft:") or "ftjob-" in name else name
+    return JOB_PARTS.sub("", name) if "ftjob-" in name else name
 
 
 class Metrics:

@@ -185,7 +185,7 @@ def parse_request(raw: bytes, kind: Kind, max_tokens_cap: int, max_n: int | None
     changed = False
     if max_tokens is None and kind == "chat":  # else vLLM's chat default: the whole context, past every cap
         data["max_tokens"], max_tokens, changed = max_tokens_cap, max_tokens_cap, True  # vLLM clamps to the context
-    if stream and not (options.get("include_usage") is True and options.get("continuous_usage_stats") is True):
+    if stream and not wants_running:
         # Metering needs the engine's usage on every chunk (an aborted stream is charged what it got) and its final
         # usage chunk, whatever the client asked: both are stripped again unless the client asked for them.
         data["stream_options"] = {**options, "include_usage": True, "continuous_usage_stats": True}
@@ -292,12 +292,12 @@ class CompletionRequest(_Generation):
 REQUEST_BODIES: dict[str, type[BaseModel]] = {}  # every body a route documents, filled as the routes are defined
 
 
-def openapi_body(model: type[BaseModel]) -> dict:
+def openapi_body(model: type[BaseModel], media: str = "application/json") -> dict:
     """`openapi_extra` of a route whose body the gateway reads itself (FastAPI cannot see it): the same pydantic
     model that validates the body documents it, so schemathesis fuzzes every route (tests/serve/test_hostile.py)."""
     REQUEST_BODIES[model.__name__] = model
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+    return {"requestBody": {"required": True, "content": {media: {"schema": ref}}}}
 
 
 class FileUpload(BaseModel):
@@ -305,12 +305,6 @@ class FileUpload(BaseModel):
 
     file: bytes = Field(description="JSONL: one chat or prompt/completion example per line")
     purpose: Literal["fine-tune"]
-
-
-def openapi_upload() -> dict:
-    REQUEST_BODIES[FileUpload.__name__] = FileUpload
-    schema = {"$ref": f"#/components/schemas/{FileUpload.__name__}"}
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 def openapi_components() -> dict:

@@ -35,13 +35,13 @@ from serve.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     CreateVersion,
+    FileUpload,
     PointAlias,
     RegisterAdapter,
     SetReplicas,
     model_card,
     model_not_found,
     openapi_body,
-    openapi_upload,
 )
 from serve.gateway.registry import Registry
 from serve.gateway.tenants import Tenant
@@ -204,7 +204,7 @@ async def tenants(store: TenantsDep, limiter: LimiterDep) -> JSONResponse:
 # -- the OpenAI Files and fine-tuning API (serve/gateway/finetune.py); the store's I/O runs off the event loop
 
 
-@router.post("/v1/files", openapi_extra=openapi_upload())
+@router.post("/v1/files", openapi_extra=openapi_body(FileUpload, "multipart/form-data"))
 async def upload_file(request: Request, tenant: MeteredTenantDep, store: StoreDep, data: DataDirDep,
                       cfg: ConfigDep) -> dict:  # fmt: skip
     cap = cfg.gateway.max_file_bytes

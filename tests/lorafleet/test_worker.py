@@ -196,31 +196,9 @@ def test_the_serve_worker_is_a_process_started_again_if_it_dies(setup, tmp_path)
         assert wait(lambda: trainers(jid) and store.job(jid).status == "running", 120)
         (trainer,) = trainers(jid)
         os.killpg(worker.proc.pid, signal.SIGKILL)  # the trainer has a session of its own: not in this group
-        assert wait(lambda: not os.path.exists(f"/proc/{trainer}") or "Z" in status_of(trainer), 15)
+        assert wait(lambda: gone(trainer), 15)
     finally:
         worker.close()
-
-
-def trainers(jid: str) -> list[int]:
-    """Pids of the trainer processes of a job (their command line names its spec file)."""
-    from pathlib import Path
-
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"_train" in cmd and jid.encode() in cmd:
-            found.append(int(proc.name))
-    return found
-
-
-def status_of(pid: int) -> str:
-    try:
-        return next(line for line in open(f"/proc/{pid}/status") if line.startswith("State:"))
-    except (OSError, StopIteration):
-        return "Z"
 
 
 def wait(predicate, timeout: float) -> bool:
@@ -230,3 +208,23 @@ def wait(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def trainers(jid: str) -> list[int]:
+    """Pids of the trainer processes of a job (their command line names its spec file)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("_train" in part for part in proc.info["cmdline"] or []) and jid in " ".join(proc.info["cmdline"]):
+            found.append(proc.pid)
+    return found
+
+
+def gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
