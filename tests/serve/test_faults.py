@@ -41,7 +41,9 @@ def gateway(engine_url: str, adapters_root=None, **gw) -> ServerThread:
 
 @pytest.fixture
 def gw(fake_engine):
-    server = gateway(fake_engine.url, request_timeout_s=0.5)
+    # Long enough that a dropped connection is seen as a drop, not a timeout, on a loaded 2-core machine (0.5 s
+    # once read a break_mid_stream as a 504 in a full `make test`); short enough for the hang cases.
+    server = gateway(fake_engine.url, request_timeout_s=2)
     yield server
     fake_engine.state.fault = "none"  # lets hung handlers in the fake engine finish
     server.stop()
